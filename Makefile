@@ -1,0 +1,32 @@
+# Two commands do everything from a fresh clone: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test demo bench lint clean protos
+
+# torch goes first and alone: any looser torch spec (hivemind asks for one) would
+# otherwise resolve to a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/expertmesh demo
+
+bench: venv
+	$(BIN)/python scripts/bench_profile.py
+	$(BIN)/python scripts/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

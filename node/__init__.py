@@ -1,0 +1,1 @@
+"""The model runtime every node uses, the miner daemon and the CLI."""

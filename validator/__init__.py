@@ -1,0 +1,1 @@
+"""The validator: rounds, ledger, intake, checks, scoring, merging, publishing."""
