@@ -1,0 +1,151 @@
+"""The runtime's jobs as the CLI runs them: files in, files out, around the tensor code.
+
+profile: data file -> profile.json (+ heatmap); select: profile.json -> experts.json;
+train: data file + experts.json -> delta.safetensors + summary.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from node.data import iter_texts, pack, split, tokenize
+from node.evaluate import mean_loss
+from node.moe import MoEModel, load_model, read_config
+from node.paths import DEFAULT_MODEL
+from node.profile import RoutingProfile, batches
+from node.select import from_esft_json, select_experts, to_esft_json
+from node.train import SelectiveExperts, TrainConfig, Trainer
+
+SEQ_LEN = 256
+
+
+def _eos(tokenizer) -> int:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def data_rows(tokenizer, texts, max_tokens: int | None = None, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    return pack(tokenize(tokenizer, texts), seq_len, _eos(tokenizer), max_tokens)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                h.update(f.read_bytes())
+    else:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _load(model_dir: Path | None) -> tuple[MoEModel, object]:
+    return load_model(model_dir or DEFAULT_MODEL)
+
+
+def run_profile(data: Path, out: Path, model_dir: Path | None = None, text_field: str | None = None,
+                template: str | None = None, tokens: int = 100_000, batch_size: int = 16, plot: Path | None = None) -> dict:
+    if tokens < SEQ_LEN:
+        raise ValueError(f"--tokens must be at least {SEQ_LEN}")
+    read_config(model_dir or DEFAULT_MODEL)  # a bad --model is reported before the data is read
+    texts = iter_texts(data, text_field, template)
+    first = next(texts)  # surfaces an empty or malformed file before the model loads
+    moe, tokenizer = _load(model_dir)
+    rows = data_rows(tokenizer, _chain(first, texts), tokens)
+    if rows.shape[0] == 0:
+        raise ValueError(f"{data}: fewer than {SEQ_LEN} tokens of text; profiling needs more data")
+    prof = RoutingProfile(moe).run(batches(rows, batch_size))
+    doc = prof.to_json() | {"data": str(data)}
+    _write_json(out, doc)
+    if plot is not None:
+        from node.plots import routing_heatmap
+
+        routing_heatmap(doc, plot)
+    return doc
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def run_select(profile: Path, out: Path, score: str = "token", p: float = 0.2, min_per_layer: int = 1,
+               max_per_layer: int | None = None) -> dict:
+    chosen = select_experts(_read_json(profile), score, p, min_per_layer, max_per_layer)
+    doc = to_esft_json(chosen)
+    _write_json(out, doc)
+    return doc
+
+
+def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path | None = None,
+              text_field: str | None = None, template: str | None = None, lr: float = 1e-3, batch_size: int = 8,
+              seed: int = 0, eval_tokens: int = 16_384, checkpoint_every: int = 0, log_every: int = 10) -> dict:
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    train_texts, held_texts = split(iter_texts(data, text_field, template))
+    moe, tokenizer = _load(model_dir)
+    selection = from_esft_json(_read_json(experts), moe)
+    rows = data_rows(tokenizer, train_texts)
+    held = data_rows(tokenizer, held_texts, eval_tokens) if held_texts else torch.empty(0, SEQ_LEN, dtype=torch.long)
+    torch.manual_seed(seed)
+    sel = SelectiveExperts(moe, selection)
+    trainer = Trainer(sel, rows, cfg)
+    state_dir = out / "state"
+    resumed_from = 0
+    if (state_dir / "state.json").exists():
+        trainer.load_state(state_dir)
+        resumed_from = trainer.step
+        print(f"resuming from step {resumed_from} ({state_dir})", file=sys.stderr)
+    before = mean_loss(moe.model, held) if held.numel() else None
+    t0, tokens0 = time.time(), trainer.step
+
+    def on_step(step: int, loss: float) -> None:
+        if step % log_every == 0 or step == cfg.steps:
+            rate = (step - tokens0) * cfg.batch_size * SEQ_LEN / max(time.time() - t0, 1e-9)
+            print(f"step {step}/{cfg.steps}  loss {loss:.4f}  {rate:,.0f} tok/s", file=sys.stderr, flush=True)
+        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            trainer.save_state(state_dir, {"data": str(data)})
+
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.train(on_step=on_step)
+    seconds = time.time() - t0
+    after = mean_loss(moe.model, held) if held.numel() else None
+    delta = sel.delta()
+    save_file(delta, out / "delta.safetensors", metadata={"format": "expertmesh-delta", "codec": "fp32",
+                                                          "model": moe.source, "steps": str(cfg.steps)})
+    expert_params = sum(l.experts.gate_up_proj.numel() + l.experts.down_proj.numel() for l in moe.layers)
+    summary = {
+        "model": moe.source, "data": str(data), "data_sha256": file_digest(data), "experts_file": str(experts),
+        "selected_experts": sum(len(v) for v in selection.values()), "trainable_parameters": sel.num_parameters(),
+        "trainable_fraction_of_expert_parameters": round(sel.num_parameters() / expert_params, 4),
+        "optimizer_state_bytes": trainer.optimizer_state_bytes(), "config": cfg.__dict__, "resumed_from_step": resumed_from,
+        "train_rows": int(rows.shape[0]), "heldout_eval_tokens": int(held.numel()),
+        "tokens": (cfg.steps - resumed_from) * cfg.batch_size * SEQ_LEN, "seconds": round(seconds, 2),
+        "heldout_loss_before": before, "heldout_loss_after": after, "train_loss": trainer.losses,
+    }
+    _write_json(out / "summary.json", summary)
+    if state_dir.exists():  # finished: the inner state is no longer needed
+        for f in state_dir.iterdir():
+            f.unlink()
+        state_dir.rmdir()
+    return summary
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)

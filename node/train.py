@@ -1,0 +1,183 @@
+"""Selective expert trainer (ESFT): only the selected experts get gradients and optimizer state.
+
+The selected experts' weights are copied into compact trainable tensors (per layer gate_up [S, 2I, H]
+and down [S, H, I]); the model's fused expert tensors stay frozen and untouched, and each experts
+module's forward is routed through the kernel dispatcher, which reads an expert's weights from the
+compact tensor when it is selected and from the frozen base otherwise. AdamW therefore holds moments
+for the selected slices only. Tensors in, tensors out: checkpoint files are written by `save_state`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kernels import expert_ffn
+from node.moe import MoEModel
+from protocol.names import expert_key
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+class SelectiveExperts:
+    """Compact trainable copies of the selected experts, patched into the model's expert forward."""
+
+    def __init__(self, moe: MoEModel, selection: dict[int, list[int]]):
+        self.moe = moe
+        self.selection = {l: sorted(ids) for l, ids in sorted(selection.items()) if ids}
+        for p in moe.model.parameters():
+            p.requires_grad_(False)
+        self.ids: dict[int, torch.Tensor] = {}
+        self.gate_up: dict[int, nn.Parameter] = {}
+        self.down: dict[int, nn.Parameter] = {}
+        for l, ids in self.selection.items():
+            experts = moe.layer(l).experts
+            idx = torch.tensor(ids, dtype=torch.long)
+            self.ids[l] = idx
+            self.gate_up[l] = nn.Parameter(experts.gate_up_proj.detach()[idx].clone())
+            self.down[l] = nn.Parameter(experts.down_proj.detach()[idx].clone())
+            experts.forward = self._forward(experts, l)
+
+    def _forward(self, experts: nn.Module, l: int) -> Callable:
+        def forward(hidden_states, top_k_index, top_k_weights):
+            return expert_ffn(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
+                              self.ids[l], self.gate_up[l], self.down[l])
+        return forward
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for l in self.selection for p in (self.gate_up[l], self.down[l])]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def delta(self) -> dict[str, torch.Tensor]:
+        """trained − base for every selected expert, keyed by canonical name (fp32, contiguous)."""
+        out = {}
+        for l, ids in self.selection.items():
+            lay = self.moe.layer(l)
+            I = lay.intermediate
+            for s, e in enumerate(ids):
+                d_gu = (self.gate_up[l][s] - lay.experts.gate_up_proj[e]).float()
+                out[expert_key(l, e, "gate_proj")] = d_gu[:I].contiguous()
+                out[expert_key(l, e, "up_proj")] = d_gu[I:].contiguous()
+                out[expert_key(l, e, "down_proj")] = (self.down[l][s] - lay.experts.down_proj[e]).float().contiguous()
+        return out
+
+    def detach(self) -> None:
+        """Restore the model's own expert forward (the fused weights were never changed)."""
+        for l in self.selection:
+            self.moe.layer(l).experts.__dict__.pop("forward", None)
+
+
+def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Rows of batch `step`: a seeded permutation per epoch, so the data position is just the step."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, pos = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[pos : pos + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+class Trainer:
+    """AdamW over the compact expert tensors; step, optimizer and data position can be saved and resumed."""
+
+    def __init__(self, sel: SelectiveExperts, rows_NL: torch.Tensor, cfg: TrainConfig):
+        if rows_NL.shape[0] == 0:
+            raise ValueError("no training rows: the dataset's train split is empty")
+        self.sel, self.rows, self.cfg = sel, rows_NL, cfg
+        self.opt = torch.optim.AdamW(sel.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+    def train(self, until: int | None = None, on_step: Callable[[int, float], None] | None = None) -> None:
+        model = self.sel.moe.model
+        model.train()
+        for step in range(self.step, self.cfg.steps if until is None else min(until, self.cfg.steps)):
+            ids_BL = self.rows[batch_indices(self.rows.shape[0], self.cfg.batch_size, step, self.cfg.seed)]
+            loss = model(input_ids=ids_BL, labels=ids_BL).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.sel.parameters(), self.cfg.clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step = step + 1
+            self.losses.append(loss.item())
+            if on_step is not None:
+                on_step(self.step, self.losses[-1])
+
+    def save_state(self, path: Path, extra: dict | None = None) -> None:
+        """Trainable slices, AdamW moments, step and data position, written atomically to `path`."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        params = {f"{l}.gate_up": self.sel.gate_up[l].detach() for l in self.sel.selection}
+        params |= {f"{l}.down": self.sel.down[l].detach() for l in self.sel.selection}
+        save_file({k: v.contiguous() for k, v in params.items()}, tmp / "trainable.safetensors")
+        opt_t = {}
+        for i, st in self.opt.state_dict()["state"].items():
+            for k, v in st.items():
+                opt_t[f"{i}.{k}"] = torch.as_tensor(v).contiguous()
+        save_file(opt_t, tmp / "optimizer.safetensors")
+        meta = {"step": self.step, "losses": self.losses, "config": asdict(self.cfg),
+                "selection": {str(l): ids for l, ids in self.sel.selection.items()}, **(extra or {})}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            path.rename(old)
+            tmp.rename(path)
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        else:
+            tmp.rename(path)
+
+    def load_state(self, path: Path) -> dict:
+        meta = json.loads((path / "state.json").read_text())
+        if meta["selection"] != {str(l): ids for l, ids in self.sel.selection.items()}:
+            raise ValueError(f"{path}: saved state is for a different expert selection; remove it to start afresh")
+        params = load_file(path / "trainable.safetensors")
+        with torch.no_grad():
+            for l in self.sel.selection:
+                self.sel.gate_up[l].copy_(params[f"{l}.gate_up"])
+                self.sel.down[l].copy_(params[f"{l}.down"])
+        opt_t = load_file(path / "optimizer.safetensors")
+        state: dict[int, dict] = {}
+        for key, v in opt_t.items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+        sd = self.opt.state_dict()
+        sd["state"] = state
+        self.opt.load_state_dict(sd)
+        self.step, self.losses = int(meta["step"]), list(meta["losses"])
+        return meta
