@@ -4,7 +4,8 @@ The server has already done the transport's part when these are called: the enve
 its signature, key, timestamp, size and nonce are checked (protocol.admission), and for `accept_*`
 the payload is on disk with its size and sha256 verified. A backend refuses a well-formed request
 by raising protocol.errors.Rejected(status, message); any other exception is a bug, answered with
-INTERNAL and logged, and never takes the server down.
+INTERNAL and logged, and never takes the server down. Methods are called from several server
+threads at once: a backend must be thread-safe.
 
 Idempotency contract: `Submission.digest` identifies a signed submission. When a backend already
 holds a submission with that digest, `admit_*` returns the receipt it gave the first time (the

@@ -56,44 +56,61 @@ class ServerConfig:
             raise ValueError("need 0.1 <= idle_timeout_s <= max_rpc_s <= 86400 seconds")
 
 
+class _Watch:
+    """One watched stream: `progress()` on every new byte; `release()` once the peer's part is done."""
+
+    def __init__(self, watchdog: "_Watchdog", context: grpc.ServicerContext, method: str):
+        self.context, self.method, self._watchdog = context, method, watchdog
+        self.started = self.last_progress = time.monotonic()
+
+    def progress(self, _: int = 0) -> None:
+        self.last_progress = time.monotonic()
+
+    def release(self) -> None:
+        self._watchdog.forget(self)
+
+
 class _Watchdog:
-    """One thread for all streams: cancels those idle or over time (gRPC has no server-side deadline)."""
+    """One thread for all streams: cancels those idle or over time (gRPC has no server-side deadline).
+
+    It guards against stalled *peers*: a handler releases its watch once the peer's bytes are all in,
+    so a slow backend call is bounded by the client's deadline, not cut here.
+    """
 
     def __init__(self, idle_s: float, max_s: float):
         self._idle_s, self._max_s = idle_s, max_s
-        self._active: dict[int, list] = {}  # id -> [context, started, last_progress, method]
+        self._active: set[_Watch] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rpc-watchdog", daemon=True)
         self._thread.start()
 
     @contextmanager
-    def watch(self, context: grpc.ServicerContext, method: str) -> Iterator[Callable[[int], None]]:
-        now = time.monotonic()
-        entry = [context, now, now, method]
+    def watch(self, context: grpc.ServicerContext, method: str) -> Iterator[_Watch]:
+        w = _Watch(self, context, method)
         with self._lock:
-            self._active[id(entry)] = entry
-
-        def progress(_: int) -> None:
-            entry[2] = time.monotonic()
-
+            self._active.add(w)
         try:
-            yield progress
+            yield w
         finally:
-            with self._lock:
-                self._active.pop(id(entry), None)
+            self.forget(w)
+
+    def forget(self, w: _Watch) -> None:
+        with self._lock:
+            self._active.discard(w)
 
     def _run(self) -> None:
         tick = min(1.0, self._idle_s / 4)
         while not self._stop.wait(tick):
             now = time.monotonic()
             with self._lock:
-                overdue = [e for e in self._active.values()
-                           if now - e[2] > self._idle_s or now - e[1] > self._max_s]
-            for context, started, last, method in overdue:
-                log.warning("cancelling %s from %s: idle %.1fs, running %.1fs", method, context.peer(),
-                            now - last, now - started)
-                context.cancel()
+                overdue = [w for w in self._active
+                           if now - w.last_progress > self._idle_s or now - w.started > self._max_s]
+            for w in overdue:
+                log.warning("cancelling %s from %s: idle %.1fs, running %.1fs", w.method, w.context.peer(),
+                            now - w.last_progress, now - w.started)
+                self.forget(w)
+                w.context.cancel()
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,7 +137,7 @@ class _Servicer(pbg.ValidatorServicer):
     def _upload(self, kind: str, request_iterator, context):
         admit, accept = ((self._backend.admit_delta, self._backend.accept_delta) if kind == "delta"
                          else (self._backend.admit_dataset, self._backend.accept_dataset))
-        with self._watchdog.watch(context, kind) as progress:
+        with self._watchdog.watch(context, kind) as watch:
             frames = (serde.upload_frame_from_proto(m) for m in request_iterator)
             signed, first_data = next(frames, (None, b""))
             if signed is None:
@@ -140,7 +157,8 @@ class _Servicer(pbg.ValidatorServicer):
 
             with self._exclusive(sub):
                 path = streams.spool(pieces(), self._spool_dir, expected_size=sub.envelope.payload_size,
-                                     expected_sha256=sub.envelope.payload_sha256, on_progress=progress)
+                                     expected_sha256=sub.envelope.payload_sha256, on_progress=watch.progress)
+                watch.release()
                 try:
                     return accept(sub, path)
                 finally:
@@ -175,18 +193,19 @@ class _Servicer(pbg.ValidatorServicer):
 
     def _download(self, context, method: str, get_blob: Callable[[], Blob]):
         blob = _answer(context, method, get_blob)
-        if blob is None:  # cancelled while asking the backend
-            return
-        with self._watchdog.watch(context, method) as progress:
-            sent = 0
-            header = blob.header
-            for piece in streams.iter_chunks(blob.path, self._config.chunk_bytes):
-                yield serde.blob_frame_to_proto(header, piece)
-                header = None
-                sent += len(piece)
-                progress(sent)
-            if header is not None:  # an empty blob still sends its header
-                yield serde.blob_frame_to_proto(header, b"")
+        with self._watchdog.watch(context, method) as watch:
+            try:
+                pieces = streams.iter_chunks(blob.path, self._config.chunk_bytes)
+                header, sent = blob.header, 0
+                for piece in pieces:
+                    yield serde.blob_frame_to_proto(header, piece)
+                    header, sent = None, sent + len(piece)
+                    watch.progress(sent)
+                if header is not None:  # an empty blob still sends its header
+                    yield serde.blob_frame_to_proto(header, b"")
+            except OSError:  # the backend's file vanished or broke mid-stream: its problem, not the peer's
+                log.exception("%s could not read %s", method, blob.path)
+                context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the server; see its log")
 
     # --- small calls ---------------------------------------------------------------------------
     def ListDatasets(self, request, context):
@@ -208,8 +227,8 @@ def _answer(context: grpc.ServicerContext, method: str, fn: Callable):
         log.warning("refused %s from %s: %s: %s", method, context.peer(), type(exc).__name__, exc)
         code, details = grpc.StatusCode[exc.status], str(exc)
     except grpc.RpcError:  # the peer went away, its deadline passed, or the watchdog cancelled it
-        log.info("%s from %s ended early (cancelled or deadline)", method, context.peer())
-        return None
+        log.info("%s ended early (cancelled or past its deadline)", method)
+        code, details = grpc.StatusCode.CANCELLED, "the call ended before it completed"
     except Exception:
         log.exception("%s failed inside the server", method)
         code, details = grpc.StatusCode.INTERNAL, f"{method} failed inside the server; see its log"
@@ -234,14 +253,16 @@ class ValidatorServer:
         self._server = grpc.server(self._executor, options=opts, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         pbg.add_ValidatorServicer_to_server(
             _Servicer(backend, self.admission, config, self.spool_dir, self._watchdog), self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        self.port = self._server.add_insecure_port(f"{host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self._server.start()
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s).wait()

@@ -22,7 +22,7 @@ from protocol import identity, serde
 from protocol.discovery import (VALIDATORS_KEY, AnnouncementValidator, DiscoveryConfig, _VALIDATORS_KEY_ID,
                                 announce_validator, find_validators, new_record, sign_announcement, start_dht,
                                 verify_announcement)
-from protocol.errors import BadSignature, ProtocolError, StaleTimestamp
+from protocol.errors import BadSignature, StaleTimestamp
 from protocol.types import SignedAnnouncement
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

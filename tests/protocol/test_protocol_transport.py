@@ -235,6 +235,11 @@ def test_same_submission_on_two_streams_at_once(server, backend, miner_key, delt
     assert client.submit_delta(delta_payload, env) == backend.receipts[envelope_mod.digest("delta", env.body)]
 
 
+def test_slow_backend_is_not_cut_by_the_idle_watchdog(client, backend, miner_key, delta_payload, sign, server):
+    backend.accept_delay_s = server.config.idle_timeout_s * 1.5  # the peer is done; only the backend is slow
+    assert client.submit_delta(delta_payload, sign(miner_key, delta_payload)).payload_bytes == len(delta_payload)
+
+
 def test_client_deadline_and_backend_bug(client, backend, miner_key, delta_payload, sign, assert_serves):
     backend.accept_delay_s = 1.0
     with pytest.raises(RemoteError) as err:
@@ -291,3 +296,13 @@ def test_config_bounds():
     with pytest.raises(ValueError, match="min_upload_rate"):
         ClientConfig(min_upload_rate=1)
     assert FAST.idle_timeout_s == 1.0 and MODEL_SHA
+
+
+def test_backend_file_missing_mid_download(client, backend, tmp_path, monkeypatch):
+    good = backend.checkpoint_blob(CheckpointRef(1, "model.safetensors"))
+    monkeypatch.setattr(backend, "checkpoint_blob", lambda ref: dataclasses.replace(good, path=tmp_path / "gone"))
+    with pytest.raises(RemoteError) as err:
+        client.fetch_checkpoint_file(CheckpointRef(1, "model.safetensors"), tmp_path / "out.st")
+    assert err.value.code == "INTERNAL" and not (tmp_path / "out.st").exists()
+    monkeypatch.undo()
+    assert client.fetch_checkpoint_file(CheckpointRef(1, "model.safetensors"), tmp_path / "out.st").size == good.header.size
