@@ -15,10 +15,11 @@ import heapq
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from protocol import envelope as envelope_mod
 from protocol.errors import BannedKey, Oversize, Overloaded, ReplayedNonce, StaleTimestamp, UnknownKey
-from protocol.identity import key_id
+from protocol.identity import key_id, parse_key_id
 from protocol.types import SignedEnvelope, Submission
 
 
@@ -47,6 +48,13 @@ class KeyPolicy:
         self._deny = set(deny)
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_files(cls, allow_file: Path | None = None, deny_file: Path | None = None) -> "KeyPolicy":
+        """Key ids one per line ('#' starts a comment); no allow file means any key not denied."""
+        allow = frozenset(_read_key_ids(allow_file)) if allow_file is not None else None
+        deny = frozenset(_read_key_ids(deny_file)) if deny_file is not None else frozenset()
+        return cls(allow, deny)
+
     def ban(self, public_key: bytes) -> None:
         with self._lock:
             self._deny.add(public_key)
@@ -58,6 +66,18 @@ class KeyPolicy:
             raise BannedKey(f"key {key_id(public_key)} is banned by this node")
         if self._allow is not None and public_key not in self._allow:
             raise UnknownKey(f"key {key_id(public_key)} is not on this node's allow list; ask its operator to add it")
+
+
+def _read_key_ids(path: Path) -> list[bytes]:
+    keys = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                keys.append(parse_key_id(text))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{n}: {exc}") from None
+    return keys
 
 
 class ReplayGuard:

@@ -12,10 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import base58
 import pytest
 from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
 from protocol import identity, serde
@@ -69,7 +70,7 @@ def test_record_validator_refuses_forgeries():
 
 def peer_id_of(key) -> str:
     """libp2p peer id of an Ed25519 key: identity multihash of its protobuf public key, base58."""
-    return base58.b58encode(bytes([0x00, 36, 0x08, 0x01, 0x12, 0x20]) + identity.public_bytes(key)).decode()
+    return PeerID(bytes([0x00, 36, 0x08, 0x01, 0x12, 0x20]) + identity.public_bytes(key)).to_base58()
 
 
 def read_lines(proc: subprocess.Popen, n: int, timeout: float) -> list[str]:
@@ -91,7 +92,7 @@ def test_bootstrap_validator_and_plain_hivemind_peer(tmp_path):
 
     boot_key = tmp_path / "boot.key"
     identity.save_key(identity.generate_key(), boot_key)
-    env = {**os.environ, "PYTHONPATH": str(os.getcwd())}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     boot = subprocess.Popen([sys.executable, "-m", "node", "bootstrap", "--identity", str(boot_key)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     dhts = []

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from protocol import envelope as E
 from protocol import identity
 from protocol.admission import Admission, AdmissionConfig, KeyPolicy, ReplayGuard
-from protocol.errors import (BadSignature, MalformedEnvelope, Oversize, Overloaded, ReplayedNonce, StaleTimestamp,
+from protocol.errors import (BadSignature, BannedKey, MalformedEnvelope, Oversize, Overloaded, ReplayedNonce, StaleTimestamp,
                              UnknownKey)
 from protocol.types import Envelope, SignedEnvelope
 
@@ -101,6 +101,23 @@ def test_allow_list():
     a = Admission(AdmissionConfig(), KeyPolicy(allow=frozenset({bytes(32)})))
     with pytest.raises(UnknownKey):
         a.admit("delta", E.sign_envelope("delta", env(), KEY), now_ms=NOW)
+
+
+def test_key_policy_files(tmp_path):
+    other = identity.generate_key()
+    allow, deny = tmp_path / "allow", tmp_path / "deny"
+    allow.write_text(f"# miners\n{identity.key_id(identity.public_bytes(KEY))}  # alice\n\n"
+                     f"{identity.key_id(identity.public_bytes(other)).upper()}\n")
+    deny.write_text(identity.key_id(identity.public_bytes(other)) + "\n")
+    policy = KeyPolicy.from_files(allow, deny)
+    policy.check(identity.public_bytes(KEY))
+    with pytest.raises(BannedKey):
+        policy.check(identity.public_bytes(other))
+    with pytest.raises(UnknownKey):
+        policy.check(bytes(32))
+    deny.write_text("not-a-key\n")
+    with pytest.raises(ValueError, match="deny:1"):
+        KeyPolicy.from_files(None, deny)
 
 
 def test_replay_table_is_bounded_by_window_and_size():
