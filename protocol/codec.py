@@ -21,11 +21,12 @@ import torch
 
 from kernels import reference as K
 from protocol.delta_format import (CODECS, MAX_BLOCK, METADATA_KEY, MIN_BLOCK, PARTS, DeltaHeader, DeltaSpec,
-                                   Expected, _fail, expected_shape, read_container)
+                                   Expected, fail, expected_shape, read_container)
 from protocol.errors import DeltaFormatError
 from protocol.names import parse_expert_key
 
 DEFAULT_MAX_BYTES = 4 << 30
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "I16": torch.int16}
 
 
 @dataclass(frozen=True)
@@ -152,40 +153,41 @@ def decode_delta(payload: bytes, expected: Expected, max_bytes: int = DEFAULT_MA
         want = expected_shape(expected, key)
         got = header.shape(parse_expert_key(key)[2])
         if want is None:
-            _fail(f"{key} is not an expert of the receiver's model")
+            fail(f"{key} is not an expert of the receiver's model")
         if tuple(want) != got:
-            _fail(f"{key} has shape {list(got)}, the receiver's model has {list(want)}")
+            fail(f"{key} has shape {list(got)}, the receiver's model has {list(want)}")
     try:
         raw = safetensors.torch.load(payload)
     except safetensors.SafetensorError as exc:
         raise DeltaFormatError(f"invalid delta: safetensors could not read it ({exc})") from None
     if raw.keys() != container.entries.keys():
-        _fail("safetensors tensors differ from its header")
+        fail("safetensors tensors differ from its header")
     tensors: dict[str, torch.Tensor] = {}
     for key in header.keys():
         parts = {s: raw[key + s] for s in PARTS[header.codec]}
-        for s, t in parts.items():
-            if tuple(t.shape) != container.entries[key + s][1]:
-                _fail(f"{key + s} shape differs from the safetensors header")
+        for s, t in parts.items():  # what safetensors built must be what its header (checked above) said
+            dtype, shape = container.entries[key + s]
+            if tuple(t.shape) != shape or t.dtype != _TORCH_DTYPES[dtype]:
+                fail(f"{key + s} differs from the safetensors header")
         _check_values(key, parts, header)
         out = _decode_one(parts, header, header.shape(parse_expert_key(key)[2]))
         if not torch.isfinite(out).all():
-            _fail(f"{key} decodes to NaN or inf")
+            fail(f"{key} decodes to NaN or inf")
         tensors[key] = out
     return DecodedDelta(header=header, tensors=tensors)
 
 
 def _check_values(key: str, parts: dict[str, torch.Tensor], header: DeltaHeader) -> None:
     if "" in parts and not torch.isfinite(parts[""].float()).all():
-        _fail(f"{key} has NaN or inf entries")
+        fail(f"{key} has NaN or inf entries")
     if ".scale" in parts:
         scale_N = parts[".scale"]
         if not torch.isfinite(scale_N).all() or (scale_N < 0).any():
-            _fail(f"{key}.scale must be finite and >= 0")
+            fail(f"{key}.scale must be finite and >= 0")
     if ".idx" in parts:
         idx_NK = parts[".idx"].long()
         if (idx_NK < 0).any() or (idx_NK >= header.block).any() or (idx_NK[:, 1:] <= idx_NK[:, :-1]).any():
-            _fail(f"{key}.idx must be strictly increasing positions within [0, {header.block})")
+            fail(f"{key}.idx must be strictly increasing positions within [0, {header.block})")
 
 
 __all__ = ["CodecConfig", "DeltaMeta", "DeltaSpec", "EncodedDelta", "DecodedDelta", "DeltaFormatError", "encode_delta",

@@ -31,7 +31,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SUFFIX = re.compile(r"(.*?)(\.q|\.scale|\.idx)?", re.DOTALL)
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     raise DeltaFormatError(f"invalid delta: {message}")
 
 
@@ -99,7 +99,7 @@ class DeltaHeader:
 def _int(d: dict, name: str, lo: int, hi: int) -> int:
     v = d.get(name)
     if type(v) is not int or not lo <= v <= hi:
-        _fail(f"header field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
+        fail(f"header field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
     return v
 
 
@@ -107,29 +107,29 @@ def parse_header(text: str) -> DeltaHeader:
     try:
         d = json.loads(text)
     except (ValueError, RecursionError):
-        _fail("the expertmesh header is not JSON")
+        fail("the expertmesh header is not JSON")
     if not isinstance(d, dict) or set(d) != _HEADER_KEYS:
-        _fail(f"the expertmesh header must have exactly the fields {sorted(_HEADER_KEYS)}")
+        fail(f"the expertmesh header must have exactly the fields {sorted(_HEADER_KEYS)}")
     if d["format"] != FORMAT:
-        _fail(f"format {d['format']!r} is not {FORMAT!r}")
+        fail(f"format {d['format']!r} is not {FORMAT!r}")
     if d["codec"] not in CODECS:
-        _fail(f"codec {d['codec']!r} is not one of {CODECS}")
+        fail(f"codec {d['codec']!r} is not one of {CODECS}")
     codec = d["codec"]
     dense = codec in ("fp32", "bf16")
     block = _int(d, "block", 0, 0) if dense else _int(d, "block", MIN_BLOCK, MAX_BLOCK)
     keep = _int(d, "keep", 1, block) if codec == "topk+int8" else _int(d, "keep", 0, 0)
     if not isinstance(d["data_digest"], str) or not _HEX64.match(d["data_digest"]):
-        _fail("data_digest must be 64 lowercase hex characters (a sha256)")
+        fail("data_digest must be 64 lowercase hex characters (a sha256)")
     experts = d["experts"]
     if not isinstance(experts, dict) or not experts:
-        _fail("experts must be a non-empty {layer: [expert ids]} object")
+        fail("experts must be a non-empty {layer: [expert ids]} object")
     parsed: dict[int, tuple[int, ...]] = {}
     for layer, ids in experts.items():
         if not (isinstance(layer, str) and layer.isdigit() and str(int(layer)) == layer):
-            _fail(f"experts: layer {layer!r} is not a decimal integer")
+            fail(f"experts: layer {layer!r} is not a decimal integer")
         if not isinstance(ids, list) or not ids or any(type(i) is not int or i < 0 for i in ids) \
                 or ids != sorted(set(ids)):
-            _fail(f"experts[{layer}] must be a non-empty strictly increasing list of expert ids")
+            fail(f"experts[{layer}] must be a non-empty strictly increasing list of expert ids")
         parsed[int(layer)] = tuple(ids)
     return DeltaHeader(codec=codec, block=block, keep=keep, model_version=_int(d, "model_version", 0, 2**64 - 1),
                        token_count=_int(d, "token_count", 0, 2**64 - 1), data_digest=d["data_digest"],
@@ -149,27 +149,27 @@ class Container:
 def read_container(payload: bytes, max_bytes: int) -> Container:
     """Parse and check the container's structure: every name, dtype and shape follows the header."""
     if len(payload) > max_bytes:
-        _fail(f"{len(payload)} bytes exceeds the limit of {max_bytes}")
+        fail(f"{len(payload)} bytes exceeds the limit of {max_bytes}")
     if len(payload) < 10:
-        _fail("too short to be a safetensors file")
+        fail("too short to be a safetensors file")
     n = int.from_bytes(payload[:8], "little")
     if not 2 <= n <= min(len(payload) - 8, MAX_HEADER_BYTES):
-        _fail("safetensors header length is out of range")
+        fail("safetensors header length is out of range")
     try:
         index = json.loads(payload[8:8 + n])
     except (ValueError, RecursionError):
-        _fail("safetensors header is not JSON")
+        fail("safetensors header is not JSON")
     if not isinstance(index, dict):
-        _fail("safetensors header is not a JSON object")
+        fail("safetensors header is not a JSON object")
     meta = index.pop("__metadata__", None)
     if not isinstance(meta, dict) or not isinstance(meta.get(METADATA_KEY), str):
-        _fail(f"safetensors metadata has no {METADATA_KEY!r} header; was this written by protocol.codec?")
+        fail(f"safetensors metadata has no {METADATA_KEY!r} header; was this written by protocol.codec?")
     header = parse_header(meta[METADATA_KEY])
     entries: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, e in index.items():
         if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or not isinstance(e.get("shape"), list) \
                 or any(type(s) is not int or s < 0 for s in e["shape"]):
-            _fail(f"tensor entry {name[:100]!r} is malformed")
+            fail(f"tensor entry {name[:100]!r} is malformed")
         entries[name] = (e["dtype"], tuple(e["shape"]))
     _check_names(header, entries)
     return Container(header=header, entries=entries, payload_bytes=len(payload))
@@ -184,20 +184,20 @@ def _check_names(header: DeltaHeader, entries: dict[str, tuple[str, tuple[int, .
         try:
             parse_expert_key(base)
         except ValueError as exc:
-            _fail(f"tensor {name[:100]!r}: {exc}")
+            fail(f"tensor {name[:100]!r}: {exc}")
         if suffix not in parts:
-            _fail(f"tensor {name[:100]!r} is not a part of codec {header.codec!r} (parts: {sorted(parts)})")
+            fail(f"tensor {name[:100]!r} is not a part of codec {header.codec!r} (parts: {sorted(parts)})")
         found.setdefault(base, set()).add(suffix)
     declared = set(header.keys())
     if set(found) != declared:
         extra, missing = sorted(set(found) - declared), sorted(declared - set(found))
-        _fail(f"tensors do not match the declared experts (undeclared: {extra[:3]}, missing: {missing[:3]}); "
+        fail(f"tensors do not match the declared experts (undeclared: {extra[:3]}, missing: {missing[:3]}); "
               "every declared expert needs gate_proj, up_proj and down_proj")
     for base, suffixes in found.items():
         if suffixes != set(parts):
-            _fail(f"{base} has parts {sorted(suffixes)}, codec {header.codec!r} needs {sorted(parts)}")
+            fail(f"{base} has parts {sorted(suffixes)}, codec {header.codec!r} needs {sorted(parts)}")
         want = header.part_shapes(parse_expert_key(base)[2])
         for suffix, dtype in parts.items():
             got_dtype, got_shape = entries[base + suffix]
             if got_dtype != dtype or got_shape != want[suffix]:
-                _fail(f"{base + suffix} is {got_dtype}{list(got_shape)}, expected {dtype}{list(want[suffix])}")
+                fail(f"{base + suffix} is {got_dtype}{list(got_shape)}, expected {dtype}{list(want[suffix])}")

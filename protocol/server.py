@@ -166,7 +166,7 @@ class _Servicer(pbg.ValidatorServicer):
 
     @contextmanager
     def _exclusive(self, sub: Submission) -> Iterator[None]:
-        # Two streams of one signed submission at once would race in the backend; one waits its turn.
+        # Two streams of one signed submission at once would race in the backend: the later one is refused.
         with self._inflight_lock:
             if sub.digest in self._inflight:
                 raise SubmissionInFlight("this submission is already being uploaded on another stream; "
