@@ -25,15 +25,18 @@ from .routing import Routing, build_routing
 class TileConfig:
     block_m: int
     block_n: int
+    block_n_dual: int   # for the kernels that hold two [BM, BN] fp32 tiles (gate and up)
     block_k: int
     num_warps: int
     num_stages: int
 
 
-# Untuned starting point for Hopper-class cards (no GPU was available to tune on); the interpreter
-# gets the smallest tiles tl.dot accepts so the CPU tests stay fast.
-GPU_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-INTERPRET_TILES = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+# Untuned starting point for Hopper-class cards (no GPU was available to run on). Compiled for sm_90
+# offline (tests/kernels/sm90_compile.py): every GEMM loop pipelined onto wgmma, no register spills;
+# with block_n_dual = 128 the gate/up kernels spilled. The interpreter gets the smallest tiles
+# tl.dot accepts so the CPU tests stay fast.
+GPU_TILES = TileConfig(block_m=128, block_n=128, block_n_dual=64, block_k=64, num_warps=8, num_stages=3)
+INTERPRET_TILES = TileConfig(block_m=16, block_n=16, block_n_dual=16, block_k=16, num_warps=1, num_stages=1)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -78,10 +81,10 @@ class GroupedExpertFFN(torch.autograd.Function):
 
         gu_P2I = torch.empty(P, 2 * I, dtype=dt, device=dev) if need_bwd else None
         h_PI = torch.empty(P, I, dtype=dt, device=dev)
-        fwd.ffn_up_fwd[(rt.max_tiles, _cdiv(I, cfg.block_n))](
+        fwd.ffn_up_fwd[(rt.max_tiles, _cdiv(I, cfg.block_n_dual))](
             x_TH, x_TH.stride(0), x_TH.stride(1), wgu_b, wgu_c, *meta,
             h_PI if gu_P2I is None else gu_P2I, h_PI, rt.top_k, H, I, S, E,
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SAVE_GU=need_bwd, PREC=prec, **opts)
+            BM=cfg.block_m, BN=cfg.block_n_dual, BK=cfg.block_k, SAVE_GU=need_bwd, PREC=prec, **opts)
         out_PH = torch.empty(P, H, dtype=dt, device=dev)
         fwd.ffn_down_fwd[(rt.max_tiles, _cdiv(H, cfg.block_n))](
             h_PI, wd_b, wd_c, rw_P, *meta, out_PH, H, I, S, E,
@@ -111,13 +114,13 @@ class GroupedExpertFFN(torch.autograd.Function):
 
         # Groups are ordered trainable-first, so "trainable rows only" is the group prefix [0, S).
         g_active = E if (need_dx or need_drw) else S
-        n_tiles_i = _cdiv(I, cfg.block_n)
+        n_tiles_i = _cdiv(I, cfg.block_n_dual)
         dgu_P2I = torch.empty(P, 2 * I, dtype=dt, device=dev)
         drw_PN = torch.empty(P, n_tiles_i, dtype=torch.float32, device=dev) if need_drw else None
         bwd.ffn_dgu_bwd[(rt.max_tiles, n_tiles_i)](
             dy_TH, dy_TH.stride(0), dy_TH.stride(1), gu_P2I, wd_b, wd_c, rw_P, *meta,
             dgu_P2I, dgu_P2I if drw_PN is None else drw_PN, K, H, I, S, g_active, n_tiles_i,
-            NEED_DRW=bool(need_drw), **tiles)
+            NEED_DRW=bool(need_drw), **{**tiles, "BN": cfg.block_n_dual})
 
         dx_TH = drw_TK = dwgu_S2IH = dwd_SHI = None
         if need_dx:
