@@ -64,7 +64,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 class GroupedExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TH, topk_w_TK, w_gu_S2IH, w_d_SHI, w_gu_E2IH, w_d_EHI, rt: Routing, cfg: TileConfig):
+    def forward(ctx, x_TH, topk_w_TK, w_gu_S2IH, w_d_SHI, w_gu_E2IH, w_d_EHI, rt: Routing, cfg: TileConfig, grad_mode: bool):
         T, H = x_TH.shape
         I = w_d_EHI.shape[2]
         P, S, E = rt.num_rows, rt.num_trainable, rt.num_experts
@@ -74,7 +74,8 @@ class GroupedExpertFFN(torch.autograd.Function):
         wgu_c = wgu_b if w_gu_S2IH is None else w_gu_S2IH.contiguous()
         wd_c = wd_b if w_d_SHI is None else w_d_SHI.contiguous()
         rw_P = topk_w_TK.contiguous().view(-1)
-        need_bwd = any(ctx.needs_input_grad[:4])
+        # needs_input_grad stays True under torch.no_grad(); evaluation must not save activations.
+        need_bwd = grad_mode and any(ctx.needs_input_grad[:4])
         opts = _launch_opts(cfg)
         prec = dot_precision(dt)
         meta = (rt.perm_P, rt.tile_group_J, rt.tile_row_J, rt.offsets_G1, rt.expert_G)
@@ -138,7 +139,7 @@ class GroupedExpertFFN(torch.autograd.Function):
             dwd_SHI = torch.empty(S, H, I, dtype=dt, device=dev)
             bwd.ffn_dw_down_bwd[(S, _cdiv(H, cfg.block_m), _cdiv(I, cfg.block_n))](
                 dy_TH, dy_TH.stride(0), dy_TH.stride(1), gu_P2I, rw_P, rt.perm_P, rt.offsets_G1, dwd_SHI, K, H, I, **tiles)
-        return dx_TH, drw_TK, dwgu_S2IH, dwd_SHI, None, None, None, None
+        return dx_TH, drw_TK, dwgu_S2IH, dwd_SHI, None, None, None, None, None
 
 
 def expert_ffn_triton(
@@ -154,4 +155,5 @@ def expert_ffn_triton(
     """Same contract as kernels.reference.expert_ffn; the dispatcher validates arguments first."""
     cfg = tiles()
     rt = build_routing(topk_idx_TK, w_gate_up_E2IH.shape[0], trainable_ids_S, cfg.block_m)
-    return GroupedExpertFFN.apply(x_TH, topk_w_TK, w_gate_up_S2IH, w_down_SHI, w_gate_up_E2IH, w_down_EHI, rt, cfg)
+    return GroupedExpertFFN.apply(x_TH, topk_w_TK, w_gate_up_S2IH, w_down_SHI, w_gate_up_E2IH, w_down_EHI, rt, cfg,
+                                   torch.is_grad_enabled())

@@ -155,3 +155,15 @@ def test_backward_allocates_no_frozen_weight_grads(triton_device):
     weightlike = [s for s in allocs.shapes if len(s) == 3]
     assert weightlike, "allocation hook saw nothing; the check would be vacuous"
     assert all(s[0] == len(c.ids) for s in weightlike), weightlike
+
+
+def test_no_grad_forward_saves_no_activations(triton_device):
+    """Evaluation under torch.no_grad() must not keep the [T*K, 2I] pre-activations for a backward."""
+    c = Case(20, 2, 6, 40, 16, [4])  # H != 2I, so no other buffer has the saved shape
+    x_TH, idx_TK, w_TK, wgu, wd, _, cgu, cd = (t.to(triton_device) for t in make_inputs(c, torch.float32, seed=4))
+    ids = torch.tensor(c.ids, device=triton_device)
+    saved_shape = (c.T * c.K, 2 * c.I)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), _Allocations() as allocs:
+            kernels.expert_ffn(x_TH, idx_TK, w_TK, wgu, wd, ids, cgu.requires_grad_(), cd.requires_grad_(), backend="triton")
+        assert (saved_shape in allocs.shapes) == grad, allocs.shapes
