@@ -30,7 +30,12 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    return triton_available() and bool(__import__("triton").knobs.runtime.interpret)
+    """Whether triton runs in its CPU interpreter; fixed process-wide by TRITON_INTERPRET at its import."""
+    if not triton_available():
+        return False
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
 
 
 def choose_backend(device: torch.device, backend: str | None = None) -> str:

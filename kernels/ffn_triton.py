@@ -18,6 +18,7 @@ import torch
 
 from . import ffn_bwd_kernels as bwd
 from . import ffn_fwd_kernels as fwd
+from .dispatch import interpreting
 from .routing import Routing, build_routing
 
 
@@ -41,12 +42,6 @@ INTERPRET_TILES = TileConfig(block_m=16, block_n=16, block_n_dual=16, block_k=16
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-def interpreting() -> bool:
-    """Triton fixes the mode process-wide when it is imported (TRITON_INTERPRET=1: CPU interpreter)."""
-    import triton
-    return bool(triton.knobs.runtime.interpret)
 
 
 def tiles() -> TileConfig:
