@@ -12,8 +12,10 @@ import json
 import string
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt", "a save_to_disk directory")
 
@@ -194,6 +196,8 @@ def split(texts: Iterable[str], fraction: float = 0.05) -> tuple[list[str], list
 
 def pack(token_lists: Iterable[list[int]], seq_len: int, eos_id: int, max_tokens: int | None = None) -> torch.Tensor:
     """Concatenate documents (each followed by EOS) and cut into [N, seq_len] rows; the tail is dropped."""
+    import torch  # here, so reading and checking data files (dataset submit) does not pay for importing torch
+
     buf: list[int] = []
     limit = None if max_tokens is None else max(seq_len, max_tokens - max_tokens % seq_len)
     for ids in token_lists:

@@ -1,0 +1,162 @@
+"""Fetching a published model version from a validator, verified file by file against its manifest.
+
+Trust runs one way: the manifest's sha256 comes from the round (GetRound's model_sha256, which the
+miner also signs into its submission), the manifest lists every file's sha256 and size, and each
+file is refused unless its bytes hash to that. File names come from the network too, so only plain
+relative names of known, non-executable kinds are accepted (weights in safetensors only: a pickle
+or .bin file in a manifest is refused, never loaded).
+
+Cache: one directory per (version, manifest sha256). Files land in a hidden partial directory and
+survive an interrupted fetch (a restart downloads only what is missing or wrong); the directory is
+renamed into place when every file verifies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.types import CheckpointRef
+
+MANIFEST = "manifest.json"
+# What a checkpoint may hold: weights (safetensors), configs, tokenizer files. Nothing executable.
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".model", ".jinja", ".tiktoken")
+_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
+_NAME = re.compile(rf"^{_PART}(/{_PART}){{0,3}}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CheckpointError(ValueError):
+    """A manifest or checkpoint file that does not verify; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    sha256: bytes  # of the manifest file itself
+    files: dict[str, tuple[str, int]]  # name -> (sha256 hex, size)
+    doc: dict
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def parse_manifest(data: bytes, sha256: bytes, version: int | None = None) -> Manifest:
+    """Check a manifest's structure and names; CheckpointError naming the first problem."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"manifest is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict) or not isinstance(doc.get("version"), int):
+        raise CheckpointError('manifest lacks an integer "version" or a "files" object')
+    if version is not None and doc["version"] != version:
+        raise CheckpointError(f"manifest is for version {doc['version']}, not the requested {version}")
+    files: dict[str, tuple[str, int]] = {}
+    for name, meta in doc["files"].items():
+        if not _NAME.fullmatch(name) or name == MANIFEST or not name.endswith(ALLOWED_SUFFIXES):
+            raise CheckpointError(f"manifest lists {name[:80]!r}: not a plain relative name of an allowed kind "
+                                  f"({', '.join(ALLOWED_SUFFIXES)})")
+        sha, size = (meta.get("sha256"), meta.get("size")) if isinstance(meta, dict) else (None, None)
+        if not isinstance(sha, str) or not _HEX64.match(sha) or not isinstance(size, int) or size < 0:
+            raise CheckpointError(f"manifest entry {name!r} lacks a sha256 (64 hex) or a size")
+        files[name] = (sha, size)
+    if not any(n.endswith(".safetensors") for n in files) or "config.json" not in files:
+        raise CheckpointError("manifest lists no config.json or no safetensors weights")
+    return Manifest(doc["version"], sha256, files, doc)
+
+
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes total)
+
+
+class CheckpointCache:
+    """Verified local copies of published versions under `root` (the last `keep` are kept)."""
+
+    def __init__(self, root: Path, max_bytes: int = 64 << 30, keep: int = 2):
+        self.root, self.max_bytes, self.keep = Path(root), max_bytes, keep
+
+    def _name(self, version: int, sha256: bytes) -> str:
+        return f"v{version}-{sha256.hex()[:16]}"
+
+    def ensure(self, client, version: int, manifest_sha256: bytes, wanted: Callable[[str], bool] = lambda n: True,
+               progress: Progress | None = None, stop: Callable[[], bool] = lambda: False) -> Path:
+        """The directory of `version` with every wanted file verified; downloads what is missing."""
+        final = self.root / self._name(version, manifest_sha256)
+        part = self.root / f".partial-{final.name}"
+        if final.is_dir():
+            manifest = self._manifest(final, version, manifest_sha256)
+            if manifest is not None and not self._bad_files(final, manifest, wanted):
+                return final
+            shutil.rmtree(part, ignore_errors=True)
+            final.rename(part)  # damaged locally: repair it like an interrupted download
+        part.mkdir(parents=True, exist_ok=True)
+        for stray in part.rglob("upload-*.part"):  # a download killed mid-file leaves its spool file
+            stray.unlink()
+        manifest = self._manifest(part, version, manifest_sha256)
+        if manifest is None:
+            client.fetch_manifest(part / MANIFEST, version=version, expected_sha256=manifest_sha256)
+            manifest = self._manifest(part, version, manifest_sha256)
+        todo = self._bad_files(part, manifest, wanted)
+        total = sum(manifest.files[n][1] for n in todo)
+        if total > self.max_bytes:
+            raise CheckpointError(f"version {version} needs {total} bytes, over this node's limit of {self.max_bytes}")
+        done = 0
+        for name in todo:
+            if stop():
+                raise InterruptedError("stopped during the checkpoint download")
+            sha, size = manifest.files[name]
+            if progress:
+                progress(f"download v{version} {name}", done, total)
+            client.fetch_checkpoint_file(CheckpointRef(version, name), part / name, expected_sha256=bytes.fromhex(sha))
+            done += size
+        if progress and todo:
+            progress(f"download v{version}", total, total)
+        part.rename(final)
+        self._prune(final)
+        return final
+
+    def _manifest(self, directory: Path, version: int, sha256: bytes) -> Manifest | None:
+        """The manifest stored in `directory` if it is the expected one, else None (and it is removed)."""
+        path = directory / MANIFEST
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        if hashlib.sha256(data).digest() != sha256:
+            path.unlink()
+            return None
+        return parse_manifest(data, sha256, version)
+
+    def _bad_files(self, directory: Path, manifest: Manifest, wanted: Callable[[str], bool]) -> list[str]:
+        """Wanted files that are missing or do not match the manifest (those are removed)."""
+        bad = []
+        for name, (sha, size) in sorted(manifest.files.items()):
+            if not wanted(name):
+                continue
+            path = directory / name
+            if path.is_file() and path.stat().st_size == size and file_sha256(path) == sha:
+                continue
+            path.unlink(missing_ok=True)
+            bad.append(name)
+        return bad
+
+    def _prune(self, current: Path) -> None:
+        """Keep the newest `keep` versions; drop partial downloads of other versions."""
+        for d in self.root.glob(".partial-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        dirs = sorted((d for d in self.root.glob("v*-*") if d.is_dir() and d != current),
+                      key=lambda d: d.stat().st_mtime)
+        for d in dirs[: max(0, len(dirs) - (self.keep - 1))]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def tokenizer_files(name: str) -> bool:
+    """Everything but the weights: enough for AutoTokenizer (and small)."""
+    return not name.endswith(".safetensors")
