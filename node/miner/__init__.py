@@ -1,0 +1,1 @@
+"""The miner daemon (`expertmesh miner run`): fetch, select, train, submit, once per round."""

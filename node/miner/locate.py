@@ -1,0 +1,56 @@
+"""Finding the validator: a configured HOST:PORT, or a signed announcement on the hivemind DHT.
+
+The DHT peer is started lazily (once) with nat_port_map=False and loopback listening unless told
+otherwise (protocol.discovery); lookups verify every announcement and keep only live ones.
+"""
+from __future__ import annotations
+
+import logging
+
+from node.miner.config import ValidatorSection
+
+
+class CannotTakePart(Exception):
+    """Why the miner cannot work on a round right now; `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Locator:
+    def __init__(self, cfg: ValidatorSection, domain: str):
+        self.cfg, self.domain = cfg, domain
+        self._dht = None
+
+    def find(self) -> str:
+        """HOST:PORT of a validator that scores this miner's domain; CannotTakePart if none is found."""
+        if self.cfg.address:
+            return self.cfg.address
+        from protocol.discovery import DiscoveryConfig, find_validators, start_dht
+
+        config = DiscoveryConfig(initial_peers=tuple(self.cfg.initial_peers), timeout_s=self.cfg.call_timeout_s)
+        if self._dht is None:
+            logging.getLogger("hivemind").setLevel(logging.WARNING)
+            try:
+                self._dht = start_dht(config)
+            except Exception as exc:  # hivemind raises several types when no peer answers
+                raise CannotTakePart("dht", f"cannot join the DHT through {list(self.cfg.initial_peers)}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        try:
+            records = find_validators(self._dht, config=config)
+        except TimeoutError:
+            raise CannotTakePart("dht", "DHT lookup timed out; retrying") from None
+        if not records:
+            raise CannotTakePart("no_validator", "no validator announced on the DHT yet")
+        ours = [r for r in records if self.domain in r.domains]
+        if not ours:
+            seen = sorted({d for r in records for d in r.domains})
+            raise CannotTakePart("domain", f"no validator scores domain {self.domain!r} yet (announced domains: "
+                                 f"{seen}); register a dataset for it with `expertmesh dataset submit`")
+        return ours[0].endpoint
+
+    def close(self) -> None:
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None
