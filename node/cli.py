@@ -173,3 +173,92 @@ def bootstrap(
             pass
     finally:
         dht.shutdown()
+
+
+# --- miner, dataset submission, local network (issue 5) -------------------------------------------
+miner_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run a miner.")
+app.add_typer(miner_app, name="miner")
+dataset_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Register and list domain datasets.")
+app.add_typer(dataset_app, name="dataset")
+
+
+def _abs(path: Optional[Path]) -> Optional[Path]:
+    return path.resolve() if path is not None else None  # flags are relative to the shell, not the config file
+
+
+@miner_app.command("run")
+def miner_run(
+    config: Path = typer.Option(..., "--config", help="miner.toml (README.md: Run a miner)"),
+    validator: Optional[str] = typer.Option(None, "--validator", help="override validator.address (HOST:PORT)"),
+    initial_peer: list[str] = typer.Option([], "--initial-peer", help="override validator.initial_peers (repeatable)"),
+    domain: Optional[str] = typer.Option(None, "--domain", help="override domain"),
+    data: Optional[Path] = typer.Option(None, "--data", help="override data.path (a local dataset file)"),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="override state_dir"),
+    key: Optional[Path] = typer.Option(None, "--key", help="override key"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="override train.steps (H)"),
+    max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="override loop.max_rounds"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="override metrics.port (0: off)"),
+) -> None:
+    """Train a domain's experts each round and submit the signed delta; stop with SIGTERM."""
+    from node.miner.config import load_config
+
+    overrides = {"validator.address": validator, "validator.initial_peers": initial_peer or None, "domain": domain,
+                 "data.path": _abs(data), "state_dir": _abs(state_dir), "key": _abs(key), "train.steps": steps,
+                 "loop.max_rounds": max_rounds, "metrics.port": metrics_port}
+    cfg = load_config(config, overrides)  # before the heavy imports: a bad config fails at once
+    from node.miner.daemon import run_miner
+
+    raise typer.Exit(run_miner(cfg))
+
+
+@dataset_app.command("submit")
+def dataset_submit(
+    file: Path = typer.Argument(..., help="dataset: .jsonl .jsonl.gz .json .csv .parquet .txt or a save_to_disk directory"),
+    domain: str = typer.Option(..., "--domain", help="domain name, e.g. math"),
+    validator: str = typer.Option(..., "--validator", help="the validator's HOST:PORT"),
+    key: Path = typer.Option(..., "--key", help="your key file (`expertmesh keygen`)"),
+    text_field: Optional[str] = FieldOpt,
+    template: Optional[str] = TemplateOpt,
+    min_tokens: int = typer.Option(8192, "--min-tokens", help="refuse datasets with fewer tokens"),
+    max_bytes: int = typer.Option(4 << 30, "--max-bytes", help="refuse datasets whose rendered text is larger"),
+    max_record_bytes: int = typer.Option(1 << 20, "--max-record-bytes", help="refuse records larger than this"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="tokenizer cache (default ~/.cache/expertmesh)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and show the dataset, send nothing"),
+) -> None:
+    """Check a dataset, show a preview and its token count, and register it with a validator."""
+    from node.submission.commands import submit
+    from node.submission.prepare import SubmitLimits
+
+    limits = SubmitLimits(max_bytes=max_bytes, max_record_bytes=max_record_bytes, min_tokens=min_tokens)
+    submit(file, domain, validator, key, text_field, template, limits, cache_dir, dry_run)
+
+
+@dataset_app.command("list")
+def dataset_list(
+    validator: str = typer.Option(..., "--validator", help="the validator's HOST:PORT"),
+    domain: Optional[str] = typer.Option(None, "--domain", help="only this domain"),
+    counts: bool = typer.Option(True, "--counts/--no-counts", help="fetch train parts to count records and tokens"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="cache (default ~/.cache/expertmesh)"),
+) -> None:
+    """List a validator's registered datasets (train part: records and tokens)."""
+    from node.submission.commands import list_datasets
+
+    list_datasets(validator, domain, counts, cache_dir)
+
+
+@app.command()
+def demo(
+    rounds: int = typer.Option(3, "--rounds", help="published rounds to run"),
+    miners: int = typer.Option(3, "--miners", help="miners, on math, literature, code in turn"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where logs and state go (default runs/demo-<time>)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="miner inner steps per round (default: the demo's)"),
+    eval_tokens: int = typer.Option(16_384, "--eval-tokens", help="held-out tokens per domain in the table"),
+    timeout: float = typer.Option(3600.0, "--timeout", help="give up (and stop everything) after this many seconds"),
+) -> None:
+    """Run a whole network on this machine: DHT bootstrap, validator, miners on three domains."""
+    from node.demo.run import DemoOptions, run_demo
+
+    raise typer.Exit(run_demo(DemoOptions(rounds=rounds, miners=miners, json_path=_abs(json_path),
+                                          run_dir=_abs(run_dir), steps=steps, eval_tokens=eval_tokens,
+                                          timeout_s=timeout)))
