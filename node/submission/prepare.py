@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ def _check_utf8(path: Path) -> None:
                 except UnicodeDecodeError as exc:
                     raise DataError(f"{path}: line {n} is not valid UTF-8 (byte {exc.start} of that line); "
                                     "re-encode the file as UTF-8") from None
-    except (gzip.BadGzipFile, EOFError, OSError) as exc:
+    except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot read it ({exc})") from None

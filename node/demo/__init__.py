@@ -1,0 +1,1 @@
+"""`expertmesh demo`: bootstrap, validator and miners as local processes, observed round by round."""

@@ -1,0 +1,62 @@
+"""The demo's yardstick: held-out loss per domain of a model version.
+
+The held-out records are the ones every node computes from content hashes (node.data.split), the
+same records the validator keeps private and miners never train on, so the demo can measure them
+from its own copy of the data without asking the validator. Rows are fixed (first `eval_tokens`
+of each domain's held-out part), so versions are compared on identical tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from node.data import iter_texts, split
+from node.domains import MATH_TEMPLATE, stdlib_texts
+from node.evaluate import mean_loss
+from node.jobs import data_rows
+from node.moe import load_model
+from node.paths import shared_data_dir
+
+
+@dataclass(frozen=True)
+class DomainSource:
+    """A built-in domain as `dataset submit` sends it: a file and how to render it."""
+
+    domain: str
+    path: Path
+    template: str | None = None
+
+    def texts(self) -> list[str]:
+        return list(iter_texts(self.path, template=self.template))
+
+    def submit_flags(self) -> list[str]:
+        return ["--template", self.template] if self.template else []
+
+
+def domain_sources(data_dir: Path) -> dict[str, DomainSource]:
+    """math = GSM8K (template), literature = Tiny Shakespeare, code = the Python stdlib (written to data_dir)."""
+    shared = shared_data_dir()
+    code = data_dir / "python-stdlib.jsonl"
+    if not code.exists():
+        from node.domains import write_domain_file
+
+        write_domain_file("code", code, stdlib_texts())
+    return {"math": DomainSource("math", shared / "gsm8k_train.jsonl", MATH_TEMPLATE),
+            "literature": DomainSource("literature", shared / "tinyshakespeare.txt"),
+            "code": DomainSource("code", code)}
+
+
+class HeldOut:
+    """Fixed held-out rows per domain, tokenized once with the base model's tokenizer."""
+
+    def __init__(self, sources: dict[str, DomainSource], tokenizer, eval_tokens: int):
+        self.rows_NL: dict[str, torch.Tensor] = {}
+        for domain, src in sources.items():
+            _, held = split(src.texts())
+            self.rows_NL[domain] = data_rows(tokenizer, held, eval_tokens)
+
+    def losses(self, model_dir: Path) -> dict[str, float]:
+        moe, _ = load_model(model_dir)
+        return {d: round(mean_loss(moe.model, rows), 5) for d, rows in self.rows_NL.items()}
