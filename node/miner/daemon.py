@@ -61,9 +61,10 @@ class Miner:
                                                               cfg.validator.max_dataset_bytes))
         self._said = ""
 
-    def say(self, text: str) -> None:
-        """One line per change of situation (a waiting miner does not repeat itself)."""
-        if text != self._said:
+    def say(self, text: str, repeat: bool = False) -> None:
+        """One line per change of situation: a miner polling for the next round does not repeat itself,
+        a retry after a failure (`repeat`) always says why, at most once per backoff period."""
+        if repeat or text != self._said:
             self.progress.line(text)
             self._said = text
 
@@ -86,7 +87,7 @@ class Miner:
                 except CannotTakePart as exc:
                     self.metrics.not_taking_part.labels(reason=exc.reason).inc()
                     wait = backoff.next()
-                    self.say(f"cannot take part: {exc}; retrying in {wait:.0f}s")
+                    self.say(f"cannot take part: {exc}; retrying in {wait:.0f}s", repeat=True)
                     self.stop.wait(wait)
                 except InterruptedError:
                     raise
@@ -94,7 +95,7 @@ class Miner:
                     # RemoteError is a ConnectionError (an OSError): the validator is down or refused a call.
                     self.metrics.not_taking_part.labels(reason=type(exc).__name__).inc()
                     wait = backoff.next()
-                    self.say(f"cannot take part: {exc}; retrying in {wait:.0f}s")
+                    self.say(f"cannot take part: {exc}; retrying in {wait:.0f}s", repeat=True)
                     self.stop.wait(wait)
         except (Stopped, InterruptedError) as exc:
             self.say(str(exc))
