@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.demo.heldout import DomainSource
+from node.miner.config import SelectSection, TrainSection
 from node.demo.procs import Child, Supervisor
 from protocol import identity
 
@@ -19,13 +20,14 @@ DOMAIN_ORDER = ("math", "literature", "code")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's knobs: miner defaults tuned so 2 rounds improve every trained domain on a 2-core CPU."""
+    """The demo's knobs. Training uses the miner's own defaults (tuned so that two rounds improve every
+    trained domain); only what keeps many processes on a small CPU quick differs."""
 
-    steps: int = 30  # H inner steps per round
-    lr: float = 2e-3
-    p: float = 0.2
-    batch_size: int = 8
-    max_tokens: int = 300_000  # training tokens each miner tokenizes from its split
+    steps: int = TrainSection().steps  # H inner steps per round
+    lr: float = TrainSection().lr
+    p: float = SelectSection().p
+    batch_size: int = TrainSection().batch_size
+    max_tokens: int = 300_000  # training tokens each miner tokenizes from its split (more is unused in 2-3 rounds)
     eval_tokens: int = 8192  # validator scoring budget per domain (its general mix gets half)
 
 
@@ -52,6 +54,7 @@ def write_toml(path: Path, doc: dict) -> Path:
 
 def new_key(path: Path) -> str:
     key = identity.generate_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
     identity.save_key(key, path, overwrite=True)
     return identity.key_id(identity.public_bytes(key))
 

@@ -7,6 +7,7 @@ the pid it started. Nothing is ever looked up or killed by name.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,9 @@ class Supervisor:
                                     stdin=subprocess.DEVNULL, env=env, cwd=self.log_dir, start_new_session=True)
         child = Child(name, proc, log, expect_exit)
         self.children.append(child)
+        # Who was started, by pid: what an operator (or a test) checks once the demo has stopped.
+        (self.log_dir / "children.json").write_text(json.dumps([{"name": c.name, "pid": c.proc.pid}
+                                                                for c in self.children], indent=1))
         return child
 
     def wait_line(self, child: Child, marker: str, timeout_s: float) -> str:
