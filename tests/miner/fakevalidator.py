@@ -70,6 +70,7 @@ class FakeValidator(ValidatorBackend):
         self.deltas: list[tuple[Submission, dict]] = []  # accepted deltas in arrival order
         self.dataset_uploads = 0
         self.admit_delta_calls = 0
+        self.refuse: str | None = None  # a reason to refuse every delta (e.g. a version that moved on)
         self._lock = threading.Lock()
 
     # --- test controls -------------------------------------------------------------------------
@@ -92,10 +93,15 @@ class FakeValidator(ValidatorBackend):
             env = sub.envelope
             if self.phase != RoundPhase.OPEN or env.round != self.round:
                 raise Rejected("FAILED_PRECONDITION", f"round {env.round} is not open (round {self.round} is)")
+            if self.refuse is not None:
+                raise Rejected("FAILED_PRECONDITION", self.refuse)
             if env.model_version != self.version or env.model_sha256 != self.versions[self.version][1]:
                 raise Rejected("FAILED_PRECONDITION", f"delta is for version {env.model_version}, not {self.version}")
-            if any(s.envelope.public_key == env.public_key and s.envelope.round == env.round for s, _ in self.deltas):
-                raise Rejected("ALREADY_EXISTS", "this key already submitted in this round")
+            for s, _ in self.deltas:  # as validators do: the same payload again is the same submission
+                if s.envelope.public_key == env.public_key and s.envelope.round == env.round:
+                    if s.envelope.payload_sha256 == env.payload_sha256:
+                        return self.receipts[s.digest]
+                    raise Rejected("ALREADY_EXISTS", "this key already submitted in this round")
         return None
 
     def accept_delta(self, sub: Submission, payload: Path) -> Receipt:

@@ -83,13 +83,9 @@ def test_sigkill_mid_inner_loop_resumes_and_submits_once(fake, miner_config, tmp
     selection = from_esft_json(json.loads(next(cache.glob("selection-*.json")).read_text())["experts"], moe)
     rows = load_file(next(cache.glob("rows-*.safetensors")))["rows"]
     train = TrainSection(steps=STEPS, batch_size=4, checkpoint_every=STEPS)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the miner ran (train.threads = 1): the same reduction order
-    try:
-        result = run_inner(moe, selection, rows, train, 1, tmp_path / "fresh", Progress(every_s=1e9), MinerMetrics(),
-                           lambda: False)
-    finally:
-        torch.set_num_threads(threads)
+    # One torch thread (conftest), as the miner ran (train.threads = 1): the same reduction order.
+    result = run_inner(moe, selection, rows, train, 1, tmp_path / "fresh", Progress(every_s=1e9), MinerMetrics(),
+                       lambda: False)
     enc = encode_delta(result.delta, DeltaMeta(0, result.tokens, "0" * 64), CodecConfig())
     expected = decode_delta(enc.payload, moe.expert_shapes()).tensors
     assert expected.keys() == received.keys()
