@@ -85,6 +85,7 @@ class Miner:
                     else:
                         self.stop.wait(self.cfg.loop.poll_s)
                 except CannotTakePart as exc:
+                    self.locator.forget()
                     self.metrics.not_taking_part.labels(reason=exc.reason).inc()
                     wait = backoff.next()
                     self.say(f"cannot take part: {exc}; retrying in {wait:.0f}s", repeat=True)
@@ -93,6 +94,7 @@ class Miner:
                     raise
                 except (RemoteError, ProtocolError, CheckpointError, ModelError, OSError) as exc:
                     # RemoteError is a ConnectionError (an OSError): the validator is down or refused a call.
+                    self.locator.forget()
                     self.metrics.not_taking_part.labels(reason=type(exc).__name__).inc()
                     wait = backoff.next()
                     self.say(f"cannot take part: {exc}; retrying in {wait:.0f}s", repeat=True)

@@ -6,8 +6,11 @@ otherwise (protocol.discovery); lookups verify every announcement and keep only 
 from __future__ import annotations
 
 import logging
+import time
 
 from node.miner.config import ValidatorSection
+
+REMEMBER_S = 60.0  # a found endpoint is reused this long (or until a call to it fails): no DHT query per poll
 
 
 class CannotTakePart(Exception):
@@ -22,11 +25,18 @@ class Locator:
     def __init__(self, cfg: ValidatorSection, domain: str):
         self.cfg, self.domain = cfg, domain
         self._dht = None
+        self._found: tuple[str, float] | None = None
+
+    def forget(self) -> None:
+        """The last endpoint failed: look it up again next time."""
+        self._found = None
 
     def find(self) -> str:
         """HOST:PORT of a validator that scores this miner's domain; CannotTakePart if none is found."""
         if self.cfg.address:
             return self.cfg.address
+        if self._found is not None and time.monotonic() - self._found[1] < REMEMBER_S:
+            return self._found[0]
         from protocol.discovery import DiscoveryConfig, find_validators, start_dht
 
         config = DiscoveryConfig(initial_peers=tuple(self.cfg.initial_peers), timeout_s=self.cfg.call_timeout_s)
@@ -48,6 +58,7 @@ class Locator:
             seen = sorted({d for r in records for d in r.domains})
             raise CannotTakePart("domain", f"no validator scores domain {self.domain!r} yet (announced domains: "
                                  f"{seen}); register a dataset for it with `expertmesh dataset submit`")
+        self._found = (ours[0].endpoint, time.monotonic())
         return ours[0].endpoint
 
     def close(self) -> None:
