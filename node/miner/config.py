@@ -62,6 +62,8 @@ class TrainSection(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="the round number is added, so rounds see different batches")
     checkpoint_every: int = Field(10, ge=1, le=1_000_000, description="save the inner state every N steps (resume)")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads; 0: torch's default")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$",
+                        description="auto: the first CUDA device if there is one, else the CPU")
 
 
 class CodecSection(_Section):

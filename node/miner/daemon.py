@@ -60,6 +60,8 @@ class Miner:
                                        max_download_bytes=max(cfg.validator.max_checkpoint_bytes,
                                                               cfg.validator.max_dataset_bytes))
         self._said = ""
+        want = cfg.train.device
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
 
     def say(self, text: str, repeat: bool = False) -> None:
         """One line per change of situation: a miner polling for the next round does not repeat itself,
@@ -148,6 +150,7 @@ class Miner:
                                        stop=self.stop.is_set)
         data = self.data.load(client)
         moe, tokenizer = load_model(model_dir)
+        moe.model.to(self.device)
         try:
             plan = make_plan(moe, tokenizer, model_dir, data, self.cfg, self.cfg.state_dir / "cache", self.progress)
         except ValueError as exc:  # DataError, too few tokens
@@ -159,8 +162,8 @@ class Miner:
         self.say(f"round {rnd.round}: version {rnd.model_version}, {n} experts selected "
                  f"(p={self.cfg.select.p}), {plan.rows_NL.shape[0]} rows of {data.source}; "
                  f"{self.cfg.train.steps} inner steps")
-        result = run_inner(moe, plan.selection, plan.rows_NL, self.cfg.train, rnd.round, work / "inner",
-                           self.progress, self.metrics, self.stop.is_set)
+        result = run_inner(moe, plan.selection, plan.rows_NL.to(self.device), self.cfg.train, rnd.round,
+                           work / "inner", self.progress, self.metrics, self.stop.is_set)
         prepared = self.outbox.prepare(work, result.delta, rnd, result.tokens, data.digest)
         shutil.rmtree(work / "inner", ignore_errors=True)  # the payload now stands for the inner state
         self.metrics.payload_bytes.set(prepared.payload.stat().st_size)

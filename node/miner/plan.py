@@ -68,11 +68,12 @@ def select_for(moe: MoEModel, rows_NL: torch.Tensor, version_tag: str, data: Dom
         return from_esft_json(json.loads(path.read_text())["experts"], moe), key
     n_rows = max(1, min(rows_NL.shape[0], s.profile_tokens // rows_NL.shape[1]))
     batch = 16
+    device = next(moe.model.parameters()).device
 
     def batches():
         for i in range(0, n_rows, batch):
             progress.steps("profile rows", min(i + batch, n_rows), n_rows)
-            yield rows_NL[i : i + batch]
+            yield rows_NL[i : i + batch].to(device)
 
     profile = RoutingProfile(moe).run(batches()).to_json()
     chosen = select_experts(profile, s.score, s.p, s.min_per_layer, s.max_per_layer or None)
