@@ -27,6 +27,11 @@ demo: venv
 bench: venv
 	$(BIN)/python scripts/bench_profile.py
 	$(BIN)/python scripts/bench_kernels.py
+	$(BIN)/python scripts/bench_protocol.py
+
+# Regenerate the committed gRPC stubs after editing protocol/expertmesh.proto (a test checks for drift).
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protocol/expertmesh.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -95,3 +95,81 @@ def train(
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     print(f"trained {s['selected_experts']} experts ({s['trainable_parameters']:,} parameters) for {steps} steps; "
           f"held-out loss {fmt(s['heldout_loss_before'])} -> {fmt(s['heldout_loss_after'])}; wrote {out}/delta.safetensors")
+
+
+# --- identity, deltas, discovery (protocol) ---------------------------------------------------------
+delta_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect expert-delta files.")
+app.add_typer(delta_app, name="delta")
+
+
+@app.command()
+def keygen(
+    out: Path = typer.Option(..., "--out", help="where to write the private key (mode 0600)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing key file"),
+) -> None:
+    """Create an Ed25519 identity and print its key id (the hex public key)."""
+    from protocol import identity
+
+    key = identity.generate_key()
+    identity.save_key(key, out, overwrite=force)
+    print(identity.key_id(identity.public_bytes(key)))
+
+
+@delta_app.command("inspect")
+def delta_inspect(
+    file: Path = typer.Argument(..., help="a delta file (safetensors) written by protocol.codec"),
+    max_bytes: int = typer.Option(4 << 30, "--max-bytes", help="refuse larger files"),
+) -> None:
+    """Print a delta's experts, size, codec and compression ratio versus fp16 and fp32."""
+    from protocol.codec import read_delta_header
+
+    if file.stat().st_size > max_bytes:
+        raise UsageError(f"{file} is {file.stat().st_size} bytes, over --max-bytes {max_bytes}")
+    size = file.stat().st_size
+    h = read_delta_header(file.read_bytes(), max_bytes)
+    n_experts = sum(len(es) for es in h.experts.values())
+    params = n_experts * 3 * h.hidden * h.intermediate
+    codec = h.codec + (f" (block {h.block})" if h.block else "") + (f", keep {h.keep} per block" if h.keep else "")
+    print(f"file: {file}")
+    print(f"codec: {codec}")
+    print(f"model_version: {h.model_version}")
+    print(f"token_count: {h.token_count}")
+    print(f"data_digest: {h.data_digest}")
+    print(f"experts: {n_experts} in {len(h.experts)} layers (hidden {h.hidden}, intermediate {h.intermediate})")
+    for layer, ids in sorted(h.experts.items()):
+        print(f"  layer {layer}: {' '.join(map(str, ids))}")
+    print(f"bytes: {size}")
+    print(f"ratio_vs_fp32: {params * 4 / size:.2f}x ({params * 4} bytes dense)")
+    print(f"ratio_vs_fp16: {params * 2 / size:.2f}x ({params * 2} bytes dense)")
+
+
+@app.command()
+def bootstrap(
+    listen: list[str] = typer.Option(["/ip4/127.0.0.1/tcp/0"], "--listen",
+                                     help="multiaddr to listen on (repeatable); e.g. /ip4/0.0.0.0/tcp/31337"),
+    announce: list[str] = typer.Option([], "--announce", help="public multiaddr to announce (explicit port)"),
+    identity_file: Optional[Path] = typer.Option(None, "--identity",
+                                                 help="an `expertmesh keygen` key: keeps the peer id stable"),
+    initial_peer: list[str] = typer.Option([], "--initial-peer", help="another bootstrap peer to join"),
+) -> None:
+    """Run a DHT bootstrap peer (UPnP off), print its multiaddrs, serve until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from protocol import identity
+    from protocol.discovery import DiscoveryConfig, start_dht, visible_maddrs
+
+    key = identity.load_key(identity_file) if identity_file is not None else None
+    config = DiscoveryConfig(host_maddrs=tuple(listen), announce_maddrs=tuple(announce),
+                             initial_peers=tuple(initial_peer))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    dht = start_dht(config, key)
+    try:
+        for maddr in visible_maddrs(dht):
+            print(maddr, flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        dht.shutdown()

@@ -21,7 +21,7 @@ def expert_key(layer: int, expert: int, proj: str) -> str:
 
 def parse_expert_key(key: str) -> tuple[int, int, str]:
     """(layer, expert, proj) of a canonical name; ValueError for anything else."""
-    m = _KEY.match(key)
+    m = _KEY.fullmatch(key) if isinstance(key, str) else None  # fullmatch: '$' would accept a trailing newline
     if m is None:
         raise ValueError(f"not a canonical expert tensor name: {key!r} (want layers.<l>.experts.<e>.<gate_proj|up_proj|down_proj>)")
     return int(m.group(1)), int(m.group(2)), m.group(3)

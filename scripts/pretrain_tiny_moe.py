@@ -57,11 +57,11 @@ def build_model(vocab: int, seed: int):
     return model
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine to 10% of peak over `progress` in [0, 1]."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def main() -> None:
@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--mix", default="math=0.4,literature=0.2,code=0.4", help="sampling weights of the domains")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-minutes", type=float, default=24.0, help="stop training early (and say so) past this")
+    ap.add_argument("--max-minutes", type=float, default=24.0,
+                    help="wall-clock budget for the whole run; on a slow or busy machine the schedule anneals by time "
+                         "and stops early (and says so)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     t0 = time.time()
@@ -98,12 +100,18 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     weights = torch.tensor([mix[d] for d in DOMAINS])
     log, tokens, t_train, done = [], 0, time.time(), 0
+    deadline = t0 + args.max_minutes * 60 - 90  # keep time to save, reload and evaluate
     model.train()
     for step in range(args.steps):
+        # progress is by steps or by time, whichever is further, so a time-bound run still anneals fully
+        progress = max(step / args.steps, (time.time() - t_train) / max(1.0, deadline - t_train))
+        if progress >= 1.0:
+            print(f"stopping at step {step} of {args.steps}: the --max-minutes {args.max_minutes} budget is spent", flush=True)
+            break
         doms = torch.multinomial(weights, args.batch, replacement=True, generator=gen)
         batch = torch.stack([rows[DOMAINS[i]][torch.randint(0, rows[DOMAINS[i]].shape[0], (1,), generator=gen)[0]] for i in doms])
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, 100)
+            g["lr"] = lr_at(step, progress, args.lr, 100)
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,9 +126,6 @@ def main() -> None:
             losses = {d: round(mean_loss(model, held[d]), 4) for d in DOMAINS}
             log.append({"step": step + 1, "heldout": losses})
             print(f"  held-out {losses}", flush=True)
-        if (time.time() - t0) / 60 > args.max_minutes:
-            print(f"stopping early at step {done}: past --max-minutes {args.max_minutes}", flush=True)
-            break
     train_min = (time.time() - t_train) / 60
 
     args.out.mkdir(parents=True, exist_ok=True)

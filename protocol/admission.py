@@ -1,0 +1,141 @@
+"""Admission at the edge: everything checked on an upload's first frame, before any payload is read.
+
+Order matters: the signature is checked first, so every later check (and every entry put in the
+replay table) concerns an authenticated sender; the timestamp window is checked before the nonce,
+so the replay table only ever holds nonces from inside the window and stays bounded.
+
+Replay versus resubmission (docs/protocol.md): nonces are remembered per (key, nonce) together with
+the digest of the signed header. The same nonce under a different header is a replay (rejected);
+the same signed header again is a resubmission (a retry after a broken stream, or a replay of the
+exact bytes), passed on flagged, and backends answer a known digest idempotently, never twice.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol import envelope as envelope_mod
+from protocol.errors import BannedKey, Oversize, Overloaded, ReplayedNonce, StaleTimestamp, UnknownKey
+from protocol.identity import key_id, parse_key_id
+from protocol.types import SignedEnvelope, Submission
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    timestamp_window_s: float = 300.0  # accepted clock skew either way; also how long nonces are kept
+    max_tracked_nonces: int = 100_000  # bound on the replay table; when full, new senders get UNAVAILABLE
+    max_payload_bytes: dict[str, int] = field(default_factory=lambda: {"delta": 1 << 30, "dataset": 4 << 30})
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.timestamp_window_s <= 86_400:
+            raise ValueError(f"timestamp_window_s={self.timestamp_window_s} must be within [1, 86400] seconds")
+        if not 1 <= self.max_tracked_nonces <= 10_000_000:
+            raise ValueError(f"max_tracked_nonces={self.max_tracked_nonces} must be within [1, 10^7]")
+        if set(self.max_payload_bytes) != set(envelope_mod.PREFIXES):
+            raise ValueError(f"max_payload_bytes needs exactly the kinds {sorted(envelope_mod.PREFIXES)}")
+        if any(not 1 <= v <= 1 << 40 for v in self.max_payload_bytes.values()):
+            raise ValueError("max_payload_bytes values must be within [1 byte, 1 TiB]")
+
+
+class KeyPolicy:
+    """Who may upload: an optional allow list (None: any key) and a deny list that can grow at runtime."""
+
+    def __init__(self, allow: frozenset[bytes] | None = None, deny: frozenset[bytes] = frozenset()):
+        self._allow = allow
+        self._deny = set(deny)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_files(cls, allow_file: Path | None = None, deny_file: Path | None = None) -> "KeyPolicy":
+        """Key ids one per line ('#' starts a comment); no allow file means any key not denied."""
+        allow = frozenset(_read_key_ids(allow_file)) if allow_file is not None else None
+        deny = frozenset(_read_key_ids(deny_file)) if deny_file is not None else frozenset()
+        return cls(allow, deny)
+
+    def ban(self, public_key: bytes) -> None:
+        with self._lock:
+            self._deny.add(public_key)
+
+    def check(self, public_key: bytes) -> None:
+        with self._lock:
+            banned = public_key in self._deny
+        if banned:
+            raise BannedKey(f"key {key_id(public_key)} is banned by this node")
+        if self._allow is not None and public_key not in self._allow:
+            raise UnknownKey(f"key {key_id(public_key)} is not on this node's allow list; ask its operator to add it")
+
+
+def _read_key_ids(path: Path) -> list[bytes]:
+    keys = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                keys.append(parse_key_id(text))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{n}: {exc}") from None
+    return keys
+
+
+class ReplayGuard:
+    """(key, nonce) -> header digest for every admitted envelope still inside the timestamp window."""
+
+    def __init__(self, window_s: float, max_entries: int):
+        self._window_ms = int(window_s * 1000)
+        self._max = max_entries
+        self._seen: dict[tuple[bytes, bytes], bytes] = {}
+        self._expiry: list[tuple[int, tuple[bytes, bytes]]] = []  # min-heap by forget-after time
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_record(self, public_key: bytes, nonce: bytes, digest: bytes, timestamp_ms: int, now_ms: int) -> bool:
+        """True when this exact signed header was already seen (a resubmission)."""
+        slot = (public_key, nonce)
+        with self._lock:
+            self._forget_expired(now_ms)
+            known = self._seen.get(slot)
+            if known is not None:
+                if known != digest:
+                    raise ReplayedNonce(f"replayed nonce {nonce.hex()} from key {key_id(public_key)[:16]}…: "
+                                        "it was already used for a different envelope; sign with a fresh nonce")
+                return True
+            if len(self._seen) >= self._max:
+                raise Overloaded("too many recent submissions are being tracked; retry in a minute")
+            self._seen[slot] = digest
+            # Once the timestamp leaves the window, the window check alone rejects this envelope.
+            heapq.heappush(self._expiry, (timestamp_ms + self._window_ms, slot))
+            return False
+
+    def _forget_expired(self, now_ms: int) -> None:
+        while self._expiry and self._expiry[0][0] < now_ms:
+            _, slot = heapq.heappop(self._expiry)
+            self._seen.pop(slot, None)
+
+
+class Admission:
+    """Runs every first-frame check for one server; thread-safe."""
+
+    def __init__(self, config: AdmissionConfig, policy: KeyPolicy | None = None):
+        self.config = config
+        self.policy = policy or KeyPolicy()
+        self.replay = ReplayGuard(config.timestamp_window_s, config.max_tracked_nonces)
+
+    def admit(self, kind: str, signed: SignedEnvelope, now_ms: int | None = None) -> Submission:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        env = envelope_mod.open_envelope(kind, signed)  # MalformedEnvelope / BadSignature
+        self.policy.check(env.public_key)
+        skew_s = (env.timestamp_ms - now_ms) / 1000
+        if abs(skew_s) > self.config.timestamp_window_s:
+            raise StaleTimestamp(f"envelope timestamp is {skew_s:+.0f}s from this node's clock, outside "
+                                 f"±{self.config.timestamp_window_s:.0f}s; check the sender's clock and re-sign")
+        limit = self.config.max_payload_bytes[kind]
+        if env.payload_size > limit:
+            raise Oversize(f"{kind} payload of {env.payload_size} bytes exceeds this node's limit of {limit} bytes")
+        digest = envelope_mod.digest(kind, signed.body)
+        seen = self.replay.check_and_record(env.public_key, env.nonce, digest, env.timestamp_ms, now_ms)
+        return Submission(kind=kind, envelope=env, signature=signed.signature, digest=digest, resubmission=seen)

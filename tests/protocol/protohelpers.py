@@ -1,0 +1,123 @@
+"""Helpers for the protocol tests: a small in-memory ValidatorBackend and a tiny model spec."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from protocol import identity
+from protocol.backend import ValidatorBackend
+from protocol.client import sign_upload
+from protocol.codec import DeltaSpec, decode_delta
+from protocol.errors import Rejected
+from protocol.names import PROJS, expert_key
+from protocol.server import ServerConfig
+from protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
+                            RoundInfo, RoundPhase, Submission)
+
+SPEC = DeltaSpec(num_layers=2, num_experts=8, hidden=32, intermediate=16)
+MODEL_SHA = hashlib.sha256(b"manifest v1").digest()
+
+
+def make_delta(experts: dict[int, list[int]], spec: DeltaSpec = SPEC, seed: int = 0, scale: float = 1e-3):
+    g = torch.Generator().manual_seed(seed)
+    return {expert_key(l, e, p): torch.randn(spec.shape_of(expert_key(l, e, p)), generator=g) * scale
+            for l, es in experts.items() for e in es for p in PROJS}
+
+
+def _blob(path: Path, name: str, version: int) -> Blob:
+    data = path.read_bytes()
+    return Blob(BlobHeader(name=name, version=version, size=len(data), sha256=hashlib.sha256(data).digest()), path)
+
+
+class MemoryBackend(ValidatorBackend):
+    """Just enough validator for the transport: one open round, idempotent on digests, decodes deltas."""
+
+    def __init__(self, root: Path, round: int = 1, version: int = 1, domains: tuple[str, ...] = ("math", "code")):
+        self.root, self.round, self.version, self.domains = root, round, version, domains
+        self.key = identity.generate_key()
+        self.receipts: dict[bytes, Receipt | DatasetReceipt] = {}
+        self.decoded: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.datasets: dict[str, tuple[DatasetInfo, Path]] = {}
+        self.admit_calls = self.accept_calls = 0
+        self.accept_delay_s = 0.0
+        self.fail_status = False
+        self._lock = threading.Lock()
+        (root / "manifest.json").write_text('{"version": 1, "files": {"model.safetensors": "..."}}')
+        (root / "model.safetensors").write_bytes(bytes(range(256)) * (10 << 10))  # 2.5 MiB: three chunks
+
+    def _admit(self, sub: Submission):
+        with self._lock:
+            self.admit_calls += 1
+            if sub.digest in self.receipts:
+                return self.receipts[sub.digest]
+        if sub.envelope.round != self.round:
+            raise Rejected("FAILED_PRECONDITION", f"round {sub.envelope.round} is not open; the open round is {self.round}")
+        if sub.envelope.domain not in self.domains:
+            raise Rejected("NOT_FOUND", f"domain {sub.envelope.domain!r} is not evaluated here")
+        return None
+
+    admit_delta = admit_dataset = _admit
+
+    def accept_delta(self, sub: Submission, payload: Path) -> Receipt:
+        time.sleep(self.accept_delay_s)
+        data = payload.read_bytes()
+        decoded = decode_delta(data, SPEC, max_bytes=1 << 20)
+        receipt = Receipt(sub.digest, self.round, len(data), "queued for scoring")
+        with self._lock:
+            self.accept_calls += 1
+            self.receipts[sub.digest] = receipt
+            self.decoded[sub.digest] = decoded.tensors
+        return receipt
+
+    def accept_dataset(self, sub: Submission, payload: Path) -> DatasetReceipt:
+        dataset_id = sub.envelope.payload_sha256.hex()[:16]
+        kept = self.root / f"dataset-{dataset_id}"
+        payload.rename(kept)  # the backend may take the spooled file
+        env = sub.envelope
+        info = DatasetInfo(dataset_id, env.domain, env.label, env.public_key, env.payload_size, env.payload_sha256,
+                           env.timestamp_ms)
+        receipt = DatasetReceipt(sub.digest, dataset_id, "registered")
+        with self._lock:
+            self.accept_calls += 1
+            self.datasets[dataset_id] = (info, kept)
+            self.receipts[sub.digest] = receipt
+        return receipt
+
+    def list_datasets(self, domain):
+        return [info for info, _ in self.datasets.values() if domain is None or info.domain == domain]
+
+    def dataset_blob(self, dataset_id):
+        if dataset_id not in self.datasets:
+            raise Rejected("NOT_FOUND", f"no dataset {dataset_id!r}")
+        return _blob(self.datasets[dataset_id][1], dataset_id, 0)
+
+    def manifest_blob(self, version):
+        if version not in (None, self.version):
+            raise Rejected("NOT_FOUND", f"version {version} is not published")
+        return _blob(self.root / "manifest.json", "manifest.json", self.version)
+
+    def checkpoint_blob(self, ref: CheckpointRef):
+        if ref.version != self.version or ref.name != "model.safetensors":
+            raise Rejected("NOT_FOUND", f"no file {ref.name!r} in version {ref.version}")
+        return _blob(self.root / ref.name, ref.name, self.version)
+
+    def current_round(self):
+        return RoundInfo(self.round, self.version, MODEL_SHA, RoundPhase.OPEN, self.domains, 1_900_000_000_000)
+
+    def status(self):
+        if self.fail_status:
+            raise RuntimeError("a bug inside the backend")
+        return NodeStatus(identity.public_bytes(self.key), "validator", "0.1.0", self.version, self.round, 5)
+
+
+FAST = ServerConfig(idle_timeout_s=1.0, max_rpc_s=30.0, max_workers=8, max_concurrent_rpcs=8)
+
+
+def signed(kind, key, payload: bytes, **overrides):
+    fields = dict(model_version=1, model_sha256=MODEL_SHA, round=1, domain="math", label="")
+    fields.update(overrides)
+    return sign_upload(kind, key, payload, **fields)
