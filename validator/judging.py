@@ -74,9 +74,10 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
             yield other.digest, decode(spool, other, runtime)
 
     cos, twin = max_cosine(delta.tensors, others())
-    sizes |= dict(max_cosine=cos, copy_of=twin)
+    sizes["max_cosine"] = cos
     if cos > cfg.copy_cosine:
-        return done("rejected", f"copy: cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}", **sizes)
+        return done("rejected", f"copy: cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}",
+                    copy_of=twin, **sizes)
     s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score)
     weight = merge_weight(s.score, sub.token_count, limits.max_tokens) if s.verdict == "accepted" else None
     return done(s.verdict, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, general_base=s.general_base,

@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS datasets (
   records INTEGER NOT NULL, duplicates INTEGER NOT NULL, train_records INTEGER NOT NULL,
   heldout_records INTEGER NOT NULL, train_path TEXT NOT NULL, heldout_path TEXT NOT NULL,
   train_sha256 TEXT NOT NULL, train_bytes INTEGER NOT NULL, registered_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dataset_uploads (
+  digest TEXT PRIMARY KEY, dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id), received_ms INTEGER NOT NULL);
 """
 
 
@@ -278,6 +280,15 @@ class Ledger:
     def add_dataset(self, row: DatasetRow) -> None:
         with self.transaction() as db:
             db.execute(_insert(DatasetRow, "datasets"), astuple(row))
+
+    def add_dataset_upload(self, digest: str, dataset_id: str, received_ms: int) -> None:
+        """Which dataset a signed upload registered, so the same upload again gets the same answer."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO dataset_uploads VALUES (?, ?, ?)", (digest, dataset_id, received_ms))
+
+    def dataset_of_upload(self, digest: str) -> DatasetRow | None:
+        return self._one(DatasetRow, f"SELECT {_columns(DatasetRow)} FROM datasets WHERE dataset_id="
+                         "(SELECT dataset_id FROM dataset_uploads WHERE digest=?)", (digest,))
 
     def dataset(self, dataset_id: str) -> DatasetRow | None:
         return self._one(DatasetRow, f"SELECT {_columns(DatasetRow)} FROM datasets WHERE dataset_id=?", (dataset_id,))
