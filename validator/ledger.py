@@ -151,6 +151,13 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed round survives power loss, not just kill -9
         self._db.execute("PRAGMA foreign_keys=ON")
+        try:
+            self._create()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _create(self) -> None:
         with self.transaction() as db:
             for statement in SCHEMA.split(";"):  # executescript would commit the open transaction
                 if statement.strip():

@@ -89,7 +89,7 @@ def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> floa
 def max_cosine(delta: Mapping[str, torch.Tensor], earlier: Iterator[tuple[str, Mapping[str, torch.Tensor]]]
                ) -> tuple[float, str | None]:
     """Highest cosine to any earlier delta (given one at a time, so memory holds two), and whose it is."""
-    best, who = -1.0, None
+    best, who = -math.inf, None
     for name, other in earlier:
         c = cosine(delta, other)
         if c > best:
