@@ -52,16 +52,17 @@ class Intake:
         self.metrics.refused.labels(status=status).inc()
         return Rejected(status, message)
 
-    def _receipt(self, row: SubmissionRow, note: str) -> Receipt:
+    def _receipt(self, row: SubmissionRow) -> Receipt:
+        """The one receipt of a stored submission: a retry gets exactly what the first upload got."""
         return Receipt(submission_id=bytes.fromhex(row.digest), round=row.round, payload_bytes=row.payload_bytes,
-                       message=note)
+                       message=f"queued for scoring in round {row.round}")
 
     # --- deltas --------------------------------------------------------------------------------
     def admit_delta(self, sub: Submission) -> Receipt | None:
         env = sub.envelope
         known = self.ledger.submission(sub.digest.hex())
         if known is not None:
-            return self._receipt(known, f"already received for round {known.round}")
+            return self._receipt(known)
         cur = self.book.current()
         if cur.state != "open" or env.round != cur.round:
             raise self._refuse("FAILED_PRECONDITION", f"round {env.round} is not open here (current round {cur.round} "
@@ -77,7 +78,7 @@ class Intake:
                                "register a dataset for it first")
         earlier = self.ledger.same_payload(cur.round, key_id(env.public_key), env.payload_sha256.hex())
         if earlier is not None:
-            return self._receipt(earlier, f"the same payload was already received for round {earlier.round}")
+            return self._receipt(earlier)
         return None
 
     def accept_delta(self, sub: Submission, payload: Path) -> Receipt:
@@ -104,11 +105,11 @@ class Intake:
         except sqlite3.IntegrityError:  # the same payload raced in on another stream under another envelope
             self.spool.path(rel).unlink(missing_ok=True)
             earlier = self.ledger.same_payload(env.round, row.miner, row.payload_sha256)
-            return self._receipt(earlier, "the same payload was already received")
+            return self._receipt(earlier)
         self.metrics.received.inc()
         log.info("submission received", extra={"round": env.round, "submission": digest[:16], "miner": row.miner[:16],
                                                "domain": env.domain, "bytes": env.payload_size, "codec": header.codec})
-        return self._receipt(row, f"queued for scoring in round {env.round}")
+        return self._receipt(row)
 
     # --- datasets ------------------------------------------------------------------------------
     def _dataset_receipt(self, digest: bytes, row: DatasetRow) -> DatasetReceipt:
