@@ -1,6 +1,7 @@
 """Helpers for the validator tests: configs, real deltas, signed submissions, a validator subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,3 +146,53 @@ class Daemon:
     def cleanup(self) -> None:
         if self.proc.poll() is None:
             self.kill()
+
+
+def ledger_rows(state_dir: Path, sql: str, args: tuple = ()) -> list[dict]:
+    """Rows of the (possibly running) validator's ledger, opened read-only (WAL allows a live reader)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute(sql, args)]
+    finally:
+        db.close()
+
+
+def wait_until(predicate, timeout_s: float, what: str, daemon: "Daemon | None" = None, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon is not None and daemon.proc.poll() is not None:
+            raise AssertionError(f"validator exited {daemon.proc.returncode} while waiting for {what}:\n{daemon.tail()}")
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}" + (f":\n{daemon.tail()}" if daemon else ""))
+
+
+def write_config(path: Path, doc: dict) -> Path:
+    """A validator.toml from a dict of sections (only the value types the tests use)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    for section, fields in doc.items():
+        if isinstance(fields, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in fields.items() if not isinstance(v, list) or not v
+                      or not isinstance(v[0], dict)]
+            for k, items in fields.items():
+                if isinstance(items, list) and items and isinstance(items[0], dict):
+                    for item in items:
+                        lines.append(f"\n[[{section}.{k}]]")
+                        lines += [f"{kk} = {value(vv)}" for kk, vv in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
