@@ -6,14 +6,14 @@ docs/validator.md has a complete example file.
 """
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the protocol's domain syntax
+from protocol.types import DOMAIN_RE
+
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,7 @@ class ValidatorConfig(_Section):
     state_dir: Path = Field(Path("validator-state"), description="ledger, spool, checkpoints, datasets, momentum")
     model: Path | None = Field(None, description="base checkpoint imported as version 0 (default: the shipped model)")
     key: Path | None = Field(None, description="Ed25519 key file (default: state_dir/validator.key, created once)")
+    threads: int = Field(0, ge=0, le=4096, description="torch CPU threads for scoring and merging (0: torch's default)")
     server: ServerSection = ServerSection()
     rounds: RoundsSection = RoundsSection()
     scoring: ScoringSection = ScoringSection()

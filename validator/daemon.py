@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import identity
@@ -62,6 +63,8 @@ class Node:
 
 
 def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Node:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # e.g. 1 where other work shares the cores: spinning threads stall
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(cfg)
     ledger = Ledger(cfg.state_dir / "ledger.sqlite")

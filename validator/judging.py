@@ -6,7 +6,6 @@ round, reloaded one at a time so memory holds two deltas), then held-out evaluat
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -87,7 +86,3 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
 def comparable(subs: list[SubmissionRow], verdicts: dict[str, VerdictRow]) -> list[SubmissionRow]:
     """Earlier submissions a new one is compared with: those whose payload decoded and passed the checks."""
     return [s for s in subs if s.digest in verdicts and verdicts[s.digest].reason.split(":")[0] not in UNREADABLE]
-
-
-def experts_of(sub: SubmissionRow) -> dict[int, list[int]]:
-    return {int(l): ids for l, ids in json.loads(sub.experts).items()}

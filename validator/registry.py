@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -85,6 +86,7 @@ class Registry:
 
     def __init__(self, root: Path, ledger: Ledger, limits: RegistryLimits = RegistryLimits()):
         self.root, self.ledger, self.limits = root, ledger, limits
+        self._publish_lock = threading.Lock()  # two uploads of the same content must not swap directories
         root.mkdir(parents=True, exist_ok=True)
 
     def register(self, payload: Path, domain: str, name: str, owner: str, now_ms: int | None = None) -> DatasetRow:
@@ -116,16 +118,20 @@ class Registry:
                 os.fsync(f.fileno())
         if not seen:
             raise DatasetError("the dataset has no non-empty records")
+        counts["duplicates"] = counts["records"] - len(seen)
         dataset_id = f"{domain}-{ident.hexdigest()[:16]}"
-        known = self.ledger.dataset(dataset_id)
-        if known is not None:
-            return known
+        with self._publish_lock:
+            known = self.ledger.dataset(dataset_id)
+            return known or self._publish(tmp, dataset_id, domain, name, owner, counts, now_ms)
+
+    def _publish(self, tmp: Path, dataset_id: str, domain: str, name: str, owner: str, counts: dict,
+                 now_ms: int) -> DatasetRow:
         final = self.root / dataset_id
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a crash before its ledger row
         os.rename(tmp, final)
         train_path = final / "train.jsonl"
         row = DatasetRow(dataset_id=dataset_id, domain=domain, name=name, owner=owner, records=counts["records"],
-                         duplicates=counts["records"] - len(seen), train_records=counts["train"],
+                         duplicates=counts["duplicates"], train_records=counts["train"],
                          heldout_records=counts["heldout"], train_path=str(train_path.relative_to(self.root)),
                          heldout_path=str((final / "heldout.jsonl").relative_to(self.root)),
                          train_sha256=file_sha256(train_path), train_bytes=train_path.stat().st_size,

@@ -6,6 +6,18 @@ import pytest
 from valhelpers import build_test_node, train_delta
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Other work shares this machine's cores; two spinning OpenMP threads then stall each other
+    (a 15-step train went from 0.1 s to 30 s). The validators under test get `threads = 1` likewise."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def math_texts(shared_data) -> list[str]:
     from node.data import iter_texts

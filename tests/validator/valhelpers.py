@@ -45,7 +45,7 @@ def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0) -> Tr
 
 
 def config_doc(state_dir: Path, **sections) -> dict:
-    doc = {"state_dir": str(state_dir),
+    doc = {"state_dir": str(state_dir), "threads": 1,
            "rounds": {"duration_s": 3600, "max_submissions": 3, "poll_s": 0.1},
            "scoring": dict(FAST_SCORING), "log": {"format": "text"}}
     for name, values in sections.items():
