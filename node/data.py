@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import string
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def read_records(path: str | Path) -> Iterator[dict]:
             raise DataError(f"{path}: unsupported format {kind or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
-    except (gzip.BadGzipFile, EOFError) as exc:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: broken gzip stream ({exc})") from None
 
 

@@ -57,8 +57,8 @@ def bad_inputs(tmp_path_factory, math_file):
     (t / "prof.json").write_text(json.dumps({"tokens": 10, "top_k": 4, "layers": {"0": {"counts": [1], "gate_sum": [1]}}}))
     (t / "bad_layer.json").write_text(json.dumps({"experts": {"9": [0]}, "shared_experts": False, "non_expert_modules": False}))
     (t / "bad_expert.json").write_text(json.dumps({"experts": {"0": [64]}, "shared_experts": False, "non_expert_modules": False}))
-    (t / "unreadable.jsonl").write_text("{}")
-    (t / "unreadable.jsonl").chmod(0)
+    (t / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not a gzip stream")
+    (t / "corrupt.parquet").write_bytes(b"PAR1 truncated")
     write_model_dir(t / "dense", {"model_type": "llama", "hidden_size": 8})
     write_model_dir(t / "jamba", {"model_type": "jamba", "num_experts": 16})
     d, m = str(math_file), ["--template", TEMPLATE]
@@ -66,7 +66,8 @@ def bad_inputs(tmp_path_factory, math_file):
         "empty dataset": ["profile", "--data", str(t / "empty.jsonl"), "--out", str(t / "x")],
         "missing field": ["profile", "--data", d, "--text-field", "nosuchfield", "--out", str(t / "x")],
         "missing template key": ["profile", "--data", d, "--template", "{question} {nope}", "--out", str(t / "x")],
-        "unreadable file": ["profile", "--data", str(t / "unreadable.jsonl"), "--out", str(t / "x")],
+        "unreadable gzip": ["profile", "--data", str(t / "corrupt.jsonl.gz"), "--out", str(t / "x")],
+        "unreadable parquet": ["profile", "--data", str(t / "corrupt.parquet"), "--out", str(t / "x")],
         "directory is not a dataset": ["profile", "--data", str(t), "--out", str(t / "x")],
         "p above 1": ["select", "--profile", str(t / "prof.json"), "--p", "1.5", "--out", str(t / "x")],
         "p zero": ["select", "--profile", str(t / "prof.json"), "--p", "0", "--out", str(t / "x")],
@@ -78,20 +79,16 @@ def bad_inputs(tmp_path_factory, math_file):
     }
 
 
-CASES = ["empty dataset", "missing field", "missing template key", "unreadable file", "directory is not a dataset",
+CASES = ["empty dataset", "missing field", "missing template key", "unreadable gzip", "unreadable parquet", "directory is not a dataset",
          "p above 1", "p zero", "unknown layer", "unknown expert", "missing model dir", "dense model", "unsupported MoE"]
 EXPECT = {"empty dataset": "no non-empty records", "missing field": "nosuchfield", "missing template key": "nope",
-          "unreadable file": "ermission denied", "directory is not a dataset": "save_to_disk", "p above 1": "--p",
+          "unreadable gzip": "broken gzip", "unreadable parquet": "not a readable Parquet file", "directory is not a dataset": "save_to_disk", "p above 1": "--p",
           "p zero": "--p", "unknown layer": "layer 9", "unknown expert": "[64]", "missing model dir": "not found",
           "dense model": "not a Mixture-of-Experts", "unsupported MoE": "unsupported MoE architecture 'jamba'"}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_exit_2(cli, bad_inputs, case):
-    import os
-
-    if case == "unreadable file" and os.geteuid() == 0:
-        pytest.skip("root reads files whatever their mode")
     r = cli(*bad_inputs[case])
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr + r.stdout
