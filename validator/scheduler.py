@@ -89,6 +89,7 @@ class Scheduler:
         return True
 
     def round_eval(self, row: RoundRow) -> RoundEval:
+        """The round's rows and base losses, built once per round (only the current round is kept)."""
         if row.round not in self._eval:
             if row.eval_spec is None:
                 row = self.book.freeze_eval(row, eval_spec(self.ledger, self.cfg.scoring.domains, row.closed_ms))
@@ -97,7 +98,6 @@ class Scheduler:
         return self._eval[row.round]
 
     def _score_next(self, row: RoundRow) -> None:
-        spool = self.spool
         subs = self.ledger.submissions(row.round)
         verdicts = self.ledger.verdicts(row.round)
         pending = [s for s in subs if s.digest not in verdicts]
@@ -106,7 +106,7 @@ class Scheduler:
                 self.book.to_merging(row)
             else:
                 self.book.finish_empty(row)
-                spool.drop_round(row.round)
+                self.spool.drop_round(row.round)
                 self.metrics.rounds.labels(outcome="empty").inc()
                 log.info("round finished with nothing accepted; reopening on the same version",
                          extra={"round": row.round, "version": row.base_version})
@@ -115,7 +115,7 @@ class Scheduler:
         sub = pending[0]
         earlier = comparable([s for s in subs if s.seq < sub.seq], verdicts)
         ev = self.round_eval(row)
-        verdict = judge(sub, earlier, self.runtime, spool, row.base_version, ev, self.cfg.scoring, self.cfg.merge)
+        verdict = judge(sub, earlier, self.runtime, self.spool, row.base_version, ev, self.cfg.scoring, self.cfg.merge)
         self.ledger.add_verdict(verdict)
         self.metrics.judged(verdict)
         log.info("scored submission", extra={"round": row.round, "submission": sub.digest[:16], "miner": sub.miner[:16],
@@ -125,13 +125,12 @@ class Scheduler:
         self.hooks("scoring")
 
     def _publish(self, row: RoundRow) -> None:
-        spool = self.spool
         verdicts = self.ledger.verdicts(row.round)
         accepted = [(s, verdicts[s.digest]) for s in self.ledger.submissions(row.round)
                     if verdicts[s.digest].verdict == "accepted"]
         t0 = time.perf_counter()
         try:
-            release = publish_round(self.runtime, self.ledger, spool, self.cfg.state_dir, row, accepted,
+            release = publish_round(self.runtime, self.ledger, self.spool, self.cfg.state_dir, row, accepted,
                                     self.cfg.merge, now_ms(), before_rename=lambda: self.hooks("publish"))
             self.hooks("commit")
             self.book.finish_published(row, release.version, release.momentum)
@@ -143,7 +142,7 @@ class Scheduler:
         self.metrics.published(release.version.version, time.perf_counter() - t0)
         log.info("published version", extra={"round": row.round, "version": release.version.version,
                                              "accepted": len(accepted), "dir": str(release.directory)})
-        spool.drop_round(row.round)
+        self.spool.drop_round(row.round)
         self._cleanup()
         self.on_change()
 

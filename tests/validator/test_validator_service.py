@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient, sign_upload
+from protocol.client import ClientConfig, ValidatorClient
 from protocol.errors import RemoteError
 from protocol.server import ServerConfig, ValidatorServer
-from protocol.types import CheckpointRef, RoundPhase
+from protocol.types import CheckpointRef
 from validator.publish import version_dir
 from valhelpers import encode, negated, register, run_until, submit
 
