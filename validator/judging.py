@@ -6,7 +6,6 @@ round, reloaded one at a time so memory holds two deltas), then held-out evaluat
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from validator.runtime import ModelRuntime
 from validator.scoring import BaseLosses, EvalRows, evaluate, max_cosine
 from validator.spool import Spool
 
-log = logging.getLogger(__name__)
+# Verdict codes of submissions whose payload never decoded or failed the checks: not compared for copies.
 UNREADABLE = ("format", "version", "experts", "shape", "dtype", "finite", "norm_cap")
 
 

@@ -8,7 +8,6 @@ inputs give a byte-identical directory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from validator.files import file_sha256, fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT = "expertmesh-manifest/1"
@@ -27,22 +28,6 @@ class CheckpointError(ValueError):
 
 def version_dir(root: Path, version: int) -> Path:
     return root / f"v{version}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(model: torch.nn.Module, tokenizer, root: Path, version: int, manifest: dict,
@@ -64,14 +49,14 @@ def write_checkpoint(model: torch.nn.Module, tokenizer, root: Path, version: int
     doc = {"format": FORMAT, "version": version, **manifest, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     for f in tmp.rglob("*"):
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     if before_rename is not None:
         before_rename()
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     return final
 
 

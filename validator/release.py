@@ -7,8 +7,6 @@ old version; redoing the step gives byte-identical files, which simply replace t
 """
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from protocol.names import PROJS, expert_key, parse_expert_key
 from validator.config import MergeSection
+from validator.files import file_sha256, fsync_path
 from validator.judging import decode
 from validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
 from validator.merge import OuterConfig, WeightedMean, outer_step
-from validator.publish import file_sha256, manifest_sha256, write_checkpoint
+from validator.publish import manifest_sha256, write_checkpoint
 from validator.runtime import ModelRuntime
-from validator.spool import Spool, fsync_dir
-
-log = logging.getLogger(__name__)
-
+from validator.spool import Spool
 
 @dataclass(frozen=True)
 class Release:
@@ -60,10 +56,9 @@ def save_momentum(state_dir: Path, round_number: int, momentum: dict[str, torch.
     for layer, expert in experts:
         rel = f"momentum/r{round_number}/{layer}.{expert}.safetensors"
         save_file({k: momentum[k].contiguous() for k in _expert_keys(layer, expert)}, state_dir / rel)
-        with open(state_dir / rel, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(state_dir / rel)
         refs[(layer, expert)] = (rel, file_sha256(state_dir / rel))
-    fsync_dir(folder)
+    fsync_path(folder)
     return refs
 
 

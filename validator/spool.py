@@ -12,15 +12,9 @@ import re
 import shutil
 from pathlib import Path
 
+from validator.files import fsync_path
+
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -35,10 +29,9 @@ class Spool:
         rel = f"r{round_number}/{digest}.delta"
         dst = self.root / rel
         dst.parent.mkdir(exist_ok=True)
-        with open(src, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(src)
         os.replace(src, dst)
-        fsync_dir(dst.parent)
+        fsync_path(dst.parent)
         return rel
 
     def path(self, rel: str) -> Path:
