@@ -104,8 +104,8 @@ class Intake:
             raise self._refuse(exc.status, str(exc)) from None
         except sqlite3.IntegrityError:  # the same payload raced in on another stream under another envelope
             self.spool.path(rel).unlink(missing_ok=True)
-            earlier = self.ledger.same_payload(env.round, row.miner, row.payload_sha256)
-            return self._receipt(earlier)
+            return self._receipt(self.ledger.submission(digest)
+                                 or self.ledger.same_payload(env.round, row.miner, row.payload_sha256))
         self.metrics.received.inc()
         log.info("submission received", extra={"round": env.round, "submission": digest[:16], "miner": row.miner[:16],
                                                "domain": env.domain, "bytes": env.payload_size, "codec": header.codec})
