@@ -175,6 +175,43 @@ def bootstrap(
         dht.shutdown()
 
 
+# --- validator (issue 4) ---------------------------------------------------------------------------
+validator_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run a validator.")
+app.add_typer(validator_app, name="validator")
+
+
+@validator_app.command("run")
+def validator_run(
+    config: Path = typer.Option(..., "--config", help="validator.toml (docs/validator.md has a complete example)"),
+    host: Optional[str] = typer.Option(None, "--host", help="override server.host"),
+    port: Optional[int] = typer.Option(None, "--port", help="override server.port (0: any free port)"),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="override state_dir"),
+    model: Optional[Path] = typer.Option(None, "--model", help="override model (the base imported as version 0)"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve metrics on this port"),
+) -> None:
+    """Take submissions, score them on held-out data, merge and publish versions; stop with SIGTERM."""
+    from validator.config import load_config
+    from validator.daemon import run_daemon
+
+    overrides = {"server.host": host, "server.port": port, "metrics.port": metrics_port,
+                 "state_dir": state_dir.resolve() if state_dir else None, "model": model.resolve() if model else None,
+                 "metrics.enabled": True if metrics_port is not None else None}
+    raise typer.Exit(run_daemon(load_config(config, overrides)))
+
+
+@app.command()
+def status(
+    validator: str = typer.Option(..., "--validator", help="the validator's HOST:PORT"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for each answer"),
+) -> None:
+    """Show a validator's round, model version and miner leaderboard."""
+    from rich.console import Console
+
+    from validator.statusview import fetch_status, render
+
+    render(fetch_status(validator, timeout), Console())
+
+
 # --- miner, dataset submission, local network (issue 5) -------------------------------------------
 miner_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run a miner.")
 app.add_typer(miner_app, name="miner")

@@ -1,0 +1,54 @@
+"""Fixtures for the validator tests: the shipped model, math data, a real trained delta, a node builder."""
+from __future__ import annotations
+
+import pytest
+
+from valhelpers import build_test_node, train_delta
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Other work shares this machine's cores; two spinning OpenMP threads then stall each other
+    (a 15-step train went from 0.1 s to 30 s). The validators under test get `threads = 1` likewise."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def math_texts(shared_data) -> list[str]:
+    from node.data import iter_texts
+    from node.domains import MATH_TEMPLATE
+
+    texts = iter_texts(shared_data / "gsm8k_train.jsonl", template=MATH_TEMPLATE)
+    return [t for _, t in zip(range(2000), texts)]
+
+
+@pytest.fixture(scope="session")
+def math_payload(tmp_path_factory, math_texts):
+    """A dataset registration payload (JSON Lines of {"text": ...}) of the math texts."""
+    from validator.registry import write_payload
+
+    return write_payload(math_texts, tmp_path_factory.mktemp("data") / "math.jsonl")
+
+
+@pytest.fixture(scope="session")
+def trained(math_texts):
+    """A real delta: route-profiled expert selection on the shipped model, then trainer steps on math."""
+    return train_delta(math_texts)
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    nodes = []
+
+    def make(name: str = "state", **sections):
+        nodes.append(build_test_node(tmp_path / name, **sections))
+        return nodes[-1]
+
+    yield make
+    for n in nodes:
+        n.ledger.close()

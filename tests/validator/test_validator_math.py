@@ -1,0 +1,122 @@
+"""Checks, scoring and the merge as tensors in, numbers out, on a tiny random Qwen3-MoE."""
+import math
+
+import pytest
+import torch
+
+from node.moe import wrap
+from node.train import SelectiveExperts, TrainConfig, Trainer
+from protocol.names import PROJS, expert_key
+from tests.runtime.test_architectures import build
+from validator.checks import CheckFailed, check_delta, expert_norms
+from validator.merge import OuterConfig, WeightedMean, merge_weight, outer_step
+from validator.scoring import BaseLosses, EvalRows, applied, base_losses, cosine, evaluate, max_cosine
+
+PATTERN_NL = torch.arange(1, 33).repeat(12, 1) % 200 + 3  # a fixed sequence: easy to learn, easy to unlearn
+NOISE_NL = torch.randint(1, 256, (6, 32), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture
+def moe():
+    return wrap(build("qwen3_moe"))
+
+
+def rand_delta(moe, experts, scale=1e-3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = moe.expert_shapes()
+    return {expert_key(l, e, p): torch.randn(shapes[expert_key(l, e, p)], generator=g) * scale
+            for l, e in experts for p in PROJS}
+
+
+def test_checks_accept_a_sane_delta_and_name_every_violation(moe):
+    shapes, norms = moe.expert_shapes(), expert_norms(moe)
+    d = rand_delta(moe, [(0, 1), (1, 3)])
+    ok = check_delta(d, {0: (1,), 1: (3,)}, 7, 7, shapes, norms, 0.5)
+    assert ok.experts == ((0, 1), (1, 3)) and 0 < ok.max_expert_ratio < 0.5
+    w = math.sqrt(norms[(0, 1)] ** 2 + norms[(1, 3)] ** 2)
+    assert ok.relative_norm == pytest.approx(ok.norm / w)
+
+    cases = {
+        "version": (d, {0: (1,), 1: (3,)}, 6),
+        "experts": (d, {0: (1,)}, 7),
+        "shape": ({**d, expert_key(0, 1, "up_proj"): torch.zeros(3, 3)}, {0: (1,), 1: (3,)}, 7),
+        "dtype": ({**d, expert_key(0, 1, "up_proj"): d[expert_key(0, 1, "up_proj")].double()}, {0: (1,), 1: (3,)}, 7),
+        "finite": ({**d, expert_key(1, 3, "down_proj"): d[expert_key(1, 3, "down_proj")] * math.nan}, {0: (1,), 1: (3,)}, 7),
+        "norm_cap": ({**d, expert_key(1, 3, "gate_proj"): d[expert_key(1, 3, "gate_proj")] * 1e4}, {0: (1,), 1: (3,)}, 7),
+    }
+    for code, (delta, declared, version) in cases.items():
+        with pytest.raises(CheckFailed) as exc:
+            check_delta(delta, declared, version, 7, shapes, norms, 0.5)
+        assert exc.value.code == code, (code, str(exc.value))
+    with pytest.raises(CheckFailed, match="not an expert tensor"):
+        check_delta({expert_key(0, 99, p): torch.zeros(1) for p in PROJS}, {0: (99,)}, 7, 7, shapes, norms, 0.5)
+
+
+def test_applied_restores_the_weights_bit_for_bit(moe):
+    before = {k: v.clone() for k, v in moe.model.state_dict().items()}
+    d = rand_delta(moe, [(0, 2), (1, 5)], scale=0.37)
+    with applied(moe, d):
+        assert not torch.equal(moe.expert_weights(0, 2)[expert_key(0, 2, "gate_proj")], before["model.layers.0.mlp.experts.gate_up_proj"][2, :16])
+    after = moe.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cosine_sees_copies_negations_and_disjoint_experts(moe):
+    a = rand_delta(moe, [(0, 1), (1, 2)], seed=1)
+    b = rand_delta(moe, [(0, 3)], seed=2)
+    assert cosine(a, {k: v * 3 for k, v in a.items()}) == pytest.approx(1.0)
+    assert cosine(a, {k: -v for k, v in a.items()}) == pytest.approx(-1.0)
+    assert cosine(a, b) == 0.0
+    noisy = {k: v + rand_delta(moe, [(0, 1), (1, 2)], seed=3)[k] * 0.1 for k, v in a.items()}
+    assert 0.98 < cosine(a, noisy) < 1.0
+    assert max_cosine(a, iter([("b", b), ("neg", {k: -v for k, v in a.items()})])) == (0.0, "b")
+    assert max_cosine(a, iter([])) == (0.0, None)
+
+
+def trained_delta(moe, steps=15):
+    sel = SelectiveExperts(moe, {0: list(range(16)), 1: list(range(16))})
+    Trainer(sel, PATTERN_NL, TrainConfig(steps=steps, lr=3e-3, batch_size=4)).train()
+    delta = sel.delta()
+    sel.detach()
+    return delta
+
+
+def test_a_trained_delta_scores_and_its_negation_does_not(moe):
+    rows = EvalRows({"pattern": PATTERN_NL[:4]}, torch.cat([PATTERN_NL[:2], NOISE_NL[:2]]), batch_size=4)
+    delta = trained_delta(moe)
+    base = base_losses(moe, rows)
+    good = evaluate(moe, delta, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0)
+    assert good.verdict == "accepted" and good.score == pytest.approx(good.base_loss - good.new_loss) and good.score > 0.05
+    bad = evaluate(moe, {k: -v for k, v in delta.items()}, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0)
+    assert bad.verdict == "zero" and bad.score == 0.0 and bad.new_loss > bad.base_loss
+    guarded = evaluate(moe, {k: -v for k, v in delta.items()}, "pattern", rows, base, guard_epsilon=0.0, min_score=0.0)
+    assert guarded.verdict == "rejected" and guarded.reason.startswith("general_guard")
+    again = evaluate(moe, delta, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0)
+    assert again == good, "same model, delta and rows: the same score"
+    high_bar = evaluate(moe, delta, "pattern", rows, BaseLosses(base.domain, base.general), 10.0, min_score=good.score)
+    assert high_bar.verdict == "zero"
+
+
+def test_weighted_mean_normalises_per_expert():
+    a = {"x": torch.full((2,), 1.0), "y": torch.full((2,), 4.0)}
+    b = {"x": torch.full((2,), 3.0)}
+    m = WeightedMean()
+    m.add(a, 1.0)
+    m.add(b, 3.0)
+    out = m.result()
+    assert torch.allclose(out["x"], torch.full((2,), 2.5)) and torch.allclose(out["y"], torch.full((2,), 4.0))
+    assert merge_weight(0.5, 10**12, 1000) == 500.0 and merge_weight(0.5, 0, 1000) == 0.5
+
+
+def test_outer_nesterov_step_matches_the_formula_over_two_rounds():
+    cfg = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+    w0, u1, u2 = torch.tensor([1.0, -2.0]), torch.tensor([0.1, 0.2]), torch.tensor([-0.3, 0.05])
+    w1, m1 = outer_step({"k": w0}, {"k": u1}, {}, cfg)
+    assert torch.allclose(m1["k"], u1) and torch.allclose(w1["k"], w0 + 0.7 * (u1 + 0.9 * u1))
+    w2, m2 = outer_step(w1, {"k": u2}, m1, cfg)
+    m_expect = 0.9 * u1 + u2
+    assert torch.allclose(m2["k"], m_expect) and torch.allclose(w2["k"], w1["k"] + 0.7 * (u2 + 0.9 * m_expect))
+    plain_w, plain_m = outer_step({"k": w0}, {"k": u1}, {"k": u1}, OuterConfig(0.5, 0.5, nesterov=False))
+    assert torch.allclose(plain_w["k"], w0 + 0.5 * (0.5 * u1 + u1))
+    untouched, _ = outer_step({"k": w0, "other": w0}, {"k": u1}, {}, cfg)
+    assert set(untouched) == {"k"}, "only experts with a delta get a new weight"

@@ -1,0 +1,77 @@
+"""Checks on a decoded delta before it is scored. Tensors in, a verdict or numbers out; no I/O.
+
+The codec already refuses malformed containers; these checks hold the delta against this validator's
+model and round: the declared experts are exactly the payload's, every tensor has the model's shape,
+is fp32 and finite, the delta was trained on the round's base version, and no expert moves by more
+than a configured fraction of its own weight norm (a cheap bound on how far one miner can push it).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from node.moe import MoEModel
+from protocol.names import PROJS, expert_key, parse_expert_key
+
+
+class CheckFailed(ValueError):
+    """A delta that must not be scored; `reason` starts with a short code (for metrics), then says why."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class CheckedDelta:
+    tensors: dict[str, torch.Tensor]
+    experts: tuple[tuple[int, int], ...]  # (layer, expert), sorted
+    norm: float  # ‖Δ‖ over all tensors
+    relative_norm: float  # ‖Δ‖ / ‖W‖ over the touched experts
+    max_expert_ratio: float  # max over experts of ‖Δ_e‖ / ‖W_e‖
+
+
+def expert_norms(moe: MoEModel) -> dict[tuple[int, int], float]:
+    """‖W_e‖ (Frobenius, over gate, up and down) of every expert; computed once per model version."""
+    out = {}
+    for lay in moe.layers:
+        gu_sq_E = lay.experts.gate_up_proj.detach().double().pow(2).sum(dim=(1, 2))
+        down_sq_E = lay.experts.down_proj.detach().double().pow(2).sum(dim=(1, 2))
+        for e, sq in enumerate((gu_sq_E + down_sq_E).tolist()):
+            out[(lay.index, e)] = math.sqrt(sq)
+    return out
+
+
+def check_delta(tensors: Mapping[str, torch.Tensor], declared: Mapping[int, tuple[int, ...]], model_version: int,
+                base_version: int, shapes: Mapping[str, tuple[int, ...]], weight_norms: Mapping[tuple[int, int], float],
+                max_update_ratio: float) -> CheckedDelta:
+    if model_version != base_version:
+        raise CheckFailed("version", f"delta was trained on version {model_version}, this round's base is {base_version}")
+    want = {expert_key(l, e, p) for l, ids in declared.items() for e in ids for p in PROJS}
+    if set(tensors) != want:
+        extra, missing = sorted(set(tensors) - want)[:3], sorted(want - set(tensors))[:3]
+        raise CheckFailed("experts", f"payload tensors differ from the declared experts (undeclared {extra}, "
+                                     f"missing {missing})")
+    sq: dict[tuple[int, int], float] = {}
+    for key, t in sorted(tensors.items()):
+        if key not in shapes:
+            raise CheckFailed("shape", f"{key} is not an expert tensor of this model")
+        if tuple(t.shape) != tuple(shapes[key]):
+            raise CheckFailed("shape", f"{key} has shape {list(t.shape)}, the model's is {list(shapes[key])}")
+        if t.dtype != torch.float32:
+            raise CheckFailed("dtype", f"{key} decoded to {t.dtype}, expected torch.float32")
+        if not torch.isfinite(t).all():
+            raise CheckFailed("finite", f"{key} has NaN or inf entries")
+        layer, expert, _ = parse_expert_key(key)
+        sq[(layer, expert)] = sq.get((layer, expert), 0.0) + float(t.double().pow(2).sum())
+    ratios = {le: math.sqrt(s) / max(weight_norms[le], 1e-12) for le, s in sq.items()}
+    worst = max(ratios, key=lambda le: (ratios[le], le))
+    if ratios[worst] > max_update_ratio:
+        raise CheckFailed("norm_cap", f"expert {worst[0]}.{worst[1]} moves by {ratios[worst]:.3g} of its weight "
+                                      f"norm, over the cap of {max_update_ratio}")
+    norm = math.sqrt(sum(sq.values()))
+    w_norm = math.sqrt(sum(weight_norms[le] ** 2 for le in sq))
+    return CheckedDelta(dict(tensors), tuple(sorted(sq)), norm, norm / max(w_norm, 1e-12), ratios[worst])

@@ -1,0 +1,174 @@
+"""The validator's one typed config: a TOML file validated by pydantic; CLI flags only override fields.
+
+Unknown keys are errors (a typo must not silently fall back to a default), every number has bounds,
+and `load_config` turns any problem into a ConfigError naming the field and what is allowed.
+docs/validator.md has a complete example file.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocol.types import DOMAIN_RE
+
+
+
+class ConfigError(ValueError):
+    """A validator config that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0: any free port (logged at start)")
+    max_delta_bytes: int = Field(1 << 30, ge=1024, le=1 << 40)
+    max_dataset_bytes: int = Field(4 << 30, ge=1024, le=1 << 40)
+    timestamp_window_s: float = Field(300.0, ge=1, le=86_400)
+    idle_timeout_s: float = Field(60.0, ge=0.1, le=3600)
+    max_workers: int = Field(16, ge=1, le=1024)
+
+
+class RoundsSection(_Section):
+    duration_s: float = Field(600.0, gt=0, le=30 * 86_400, description="a round closes this long after it opens")
+    min_submissions: int = Field(1, ge=1, le=100_000, description="at the deadline with fewer, the deadline moves on")
+    max_submissions: int = Field(0, ge=0, le=100_000, description="close as soon as this many arrived (0: only the deadline)")
+    max_per_miner: int = Field(1, ge=1, le=1000, description="submissions one key may make per round")
+    poll_s: float = Field(0.5, gt=0, le=60)
+
+
+class ScoringSection(_Section):
+    domains: tuple[str, ...] = Field((), description="domains evaluated here; empty: every domain with a registered dataset")
+    eval_tokens: int = Field(16_384, ge=64, le=1 << 30, description="held-out tokens per domain (fixed batches)")
+    general_tokens: int = Field(16_384, ge=64, le=1 << 30, description="tokens of the general held-out mix")
+    seq_len: int = Field(256, ge=8, le=1 << 16)
+    batch_size: int = Field(16, ge=1, le=4096)
+    guard_epsilon: float = Field(0.02, ge=0, le=100, description="reject when general loss rises by more (nats)")
+    copy_cosine: float = Field(0.98, gt=0, le=1, description="reject as a copy above this cosine to an earlier delta")
+    negligible_ratio: float = Field(1e-6, ge=0, le=1, description="‖Δ‖/‖W‖ below this scores 0 without evaluation")
+    max_update_ratio: float = Field(0.5, gt=0, le=100, description="per-expert cap on ‖Δ_e‖/‖W_e‖")
+    min_score: float = Field(0.0, ge=0, le=100, description="accepted only when the score is above this")
+
+
+class MergeSection(_Section):
+    outer_lr: float = Field(0.7, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    max_tokens: int = Field(100_000_000, ge=1, le=1 << 50,
+                            description="cap on a miner's claimed token count in its merge weight (the claim is untrusted)")
+
+
+class PublishSection(_Section):
+    keep_versions: int = Field(3, ge=1, le=10_000, description="published versions kept on disk")
+
+
+class PreloadDataset(_Section):
+    domain: str
+    path: Path
+    name: str = ""
+    text_field: str | None = None
+    template: str | None = None
+
+
+class DatasetsSection(_Section):
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    max_records: int = Field(2_000_000, ge=1, le=1 << 32)
+    max_record_bytes: int = Field(1 << 20, ge=16, le=1 << 30)
+    preload: tuple[PreloadDataset, ...] = Field((), description="local files registered at start (idempotent)")
+
+
+class DhtSection(_Section):
+    enabled: bool = False
+    initial_peers: tuple[str, ...] = ()
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_host: str = Field("", description="host put in announcements (default: server.host)")
+    record_ttl_s: float = Field(300.0, ge=5, le=3600)
+    announce_every_s: float = Field(60.0, ge=1, le=3600)
+
+
+class MetricsSection(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+
+
+class LogSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class ValidatorConfig(_Section):
+    state_dir: Path = Field(Path("validator-state"), description="ledger, spool, checkpoints, datasets, momentum")
+    model: Path | None = Field(None, description="base checkpoint imported as version 0 (default: the shipped model)")
+    key: Path | None = Field(None, description="Ed25519 key file (default: state_dir/validator.key, created once)")
+    threads: int = Field(0, ge=0, le=4096, description="torch CPU threads for scoring and merging (0: torch's default)")
+    server: ServerSection = ServerSection()
+    rounds: RoundsSection = RoundsSection()
+    scoring: ScoringSection = ScoringSection()
+    merge: MergeSection = MergeSection()
+    publish: PublishSection = PublishSection()
+    datasets: DatasetsSection = DatasetsSection()
+    dht: DhtSection = DhtSection()
+    metrics: MetricsSection = MetricsSection()
+    log: LogSection = LogSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ValidatorConfig":
+        domains = list(self.scoring.domains) + [p.domain for p in self.datasets.preload]
+        bad = [d for d in domains if not DOMAIN_RE.match(d)]
+        if bad:
+            raise ValueError(f"domain names {bad} must match {DOMAIN_RE.pattern}")
+        if self.rounds.max_submissions and self.rounds.max_submissions < self.rounds.min_submissions:
+            raise ValueError("rounds.max_submissions must be 0 or at least rounds.min_submissions")
+        if self.scoring.eval_tokens < self.scoring.seq_len or self.scoring.general_tokens < self.scoring.seq_len:
+            raise ValueError("scoring.eval_tokens and scoring.general_tokens must be at least scoring.seq_len")
+        return self
+
+
+def _set_dotted(doc: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        doc = doc.setdefault(p, {})
+        if not isinstance(doc, dict):
+            raise ConfigError(f"cannot override {dotted}: {p} is not a section")
+    doc[leaf] = value
+
+
+def parse_config(doc: dict, overrides: dict[str, Any] | None = None, base_dir: Path | None = None) -> ValidatorConfig:
+    """Validate a config document; `overrides` maps dotted field names to values (CLI flags)."""
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(doc, dotted, value)
+    try:
+        cfg = ValidatorConfig.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"validator config: {where}: {first['msg']}{more}") from None
+    return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+
+
+def _resolve_paths(cfg: ValidatorConfig, base: Path) -> ValidatorConfig:
+    """Relative paths in a config file are relative to that file, not to wherever the daemon was started."""
+    rel = lambda p: p if p is None or p.is_absolute() else base / p  # noqa: E731
+    preload = tuple(p.model_copy(update={"path": rel(p.path)}) for p in cfg.datasets.preload)
+    return cfg.model_copy(update={"state_dir": rel(cfg.state_dir), "model": rel(cfg.model), "key": rel(cfg.key),
+                                  "datasets": cfg.datasets.model_copy(update={"preload": preload})})
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ValidatorConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; see docs/validator.md for an example") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(doc, overrides, base_dir=path.resolve().parent)

@@ -1,0 +1,139 @@
+"""Taking uploads into the validator: deltas into the current round, datasets into the registry.
+
+By the time these run, the transport has verified the envelope (signature, key, timestamp, nonce,
+size) and, for `accept_*`, streamed the payload to disk with its sha256 checked. Here: the header
+against the round (open? this round? this model version and manifest? a domain scored here?), then
+only the delta's safetensors header is read (bounded, whatever the payload's size), the file moves
+into the spool and its ledger row is written. A known digest, or the same payload from the same key
+in the same round, gets the first receipt again: one signed submission is one submission.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+from protocol.codec import read_delta_header
+from protocol.delta_format import MAX_HEADER_BYTES
+from protocol.errors import DeltaFormatError, Rejected
+from protocol.identity import key_id
+from protocol.types import DatasetReceipt, Receipt, Submission
+from validator.config import ValidatorConfig
+from validator.evalset import eval_spec
+from validator.ledger import DatasetRow, Ledger, SubmissionRow, experts_json
+from validator.metrics import Metrics
+from validator.registry import DatasetError, Registry
+from validator.rounds import IntakeRefused, RoundBook, now_ms
+from validator.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def read_header_prefix(path: Path):
+    """The delta header from the file's first bytes only: memory stays bounded for any payload size."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        prefix = head + f.read(min(n, MAX_HEADER_BYTES))
+    return read_delta_header(prefix, max_bytes=8 + MAX_HEADER_BYTES)
+
+
+class Intake:
+    def __init__(self, ledger: Ledger, book: RoundBook, spool: Spool, registry: Registry, cfg: ValidatorConfig,
+                 metrics: Metrics):
+        self.ledger, self.book, self.spool, self.registry = ledger, book, spool, registry
+        self.cfg, self.metrics = cfg, metrics
+
+    def scored_domains(self) -> list[str]:
+        """Domains a submission may name now: evaluated here and holding held-out data."""
+        return sorted(eval_spec(self.ledger, self.cfg.scoring.domains, now_ms()))
+
+    def _refuse(self, status: str, message: str) -> Rejected:
+        self.metrics.refused.labels(status=status).inc()
+        return Rejected(status, message)
+
+    def _receipt(self, row: SubmissionRow) -> Receipt:
+        """The one receipt of a stored submission: a retry gets exactly what the first upload got."""
+        return Receipt(submission_id=bytes.fromhex(row.digest), round=row.round, payload_bytes=row.payload_bytes,
+                       message=f"queued for scoring in round {row.round}")
+
+    # --- deltas --------------------------------------------------------------------------------
+    def admit_delta(self, sub: Submission) -> Receipt | None:
+        env = sub.envelope
+        known = self.ledger.submission(sub.digest.hex())
+        if known is not None:
+            return self._receipt(known)
+        cur = self.book.current()
+        if cur.state != "open" or env.round != cur.round:
+            raise self._refuse("FAILED_PRECONDITION", f"round {env.round} is not open here (current round {cur.round} "
+                               f"is {cur.state}); ask GetRound and submit to the open round")
+        base = self.ledger.version(cur.base_version)
+        if env.model_version != base.version or env.model_sha256.hex() != base.manifest_sha256:
+            raise self._refuse("FAILED_PRECONDITION", f"delta is for model version {env.model_version}; round "
+                               f"{cur.round} trains version {base.version} (manifest {base.manifest_sha256[:16]}…); "
+                               "fetch it and train again")
+        domains = self.scored_domains()
+        if env.domain not in domains:
+            raise self._refuse("FAILED_PRECONDITION", f"domain {env.domain!r} is not scored here (scored: {domains}); "
+                               "register a dataset for it first")
+        earlier = self.ledger.same_payload(cur.round, key_id(env.public_key), env.payload_sha256.hex())
+        if earlier is not None:
+            return self._receipt(earlier)
+        return None
+
+    def accept_delta(self, sub: Submission, payload: Path) -> Receipt:
+        env = sub.envelope
+        try:
+            header = read_header_prefix(payload)
+        except DeltaFormatError as exc:
+            raise self._refuse("INVALID_ARGUMENT", str(exc)) from None
+        if header.model_version != env.model_version:
+            raise self._refuse("INVALID_ARGUMENT", f"the delta's header says version {header.model_version}, its "
+                               f"envelope {env.model_version}; encode and sign the same version")
+        digest = sub.digest.hex()
+        rel = self.spool.store(payload, env.round, digest)
+        row = SubmissionRow(seq=None, digest=digest, round=env.round, miner=key_id(env.public_key), domain=env.domain,
+                            model_version=env.model_version, payload_sha256=env.payload_sha256.hex(),
+                            payload_bytes=env.payload_size, path=rel, codec=header.codec,
+                            token_count=header.token_count, experts=experts_json(header.experts),
+                            received_ms=now_ms())
+        try:
+            self.book.record(row)
+        except IntakeRefused as exc:
+            self.spool.path(rel).unlink(missing_ok=True)
+            raise self._refuse(exc.status, str(exc)) from None
+        except sqlite3.IntegrityError:  # the same payload raced in on another stream under another envelope
+            self.spool.path(rel).unlink(missing_ok=True)
+            return self._receipt(self.ledger.submission(digest)
+                                 or self.ledger.same_payload(env.round, row.miner, row.payload_sha256))
+        self.metrics.received.inc()
+        log.info("submission received", extra={"round": env.round, "submission": digest[:16], "miner": row.miner[:16],
+                                               "domain": env.domain, "bytes": env.payload_size, "codec": header.codec})
+        return self._receipt(row)
+
+    # --- datasets ------------------------------------------------------------------------------
+    def _dataset_receipt(self, digest: bytes, row: DatasetRow) -> DatasetReceipt:
+        return DatasetReceipt(submission_id=digest, dataset_id=row.dataset_id,
+                              message=f"{row.records} records ({row.duplicates} duplicates dropped): "
+                                      f"train {row.train_records}, held-out {row.heldout_records}")
+
+    def admit_dataset(self, sub: Submission) -> DatasetReceipt | None:
+        known = self.ledger.dataset_of_upload(sub.digest.hex())
+        if known is not None:
+            return self._dataset_receipt(sub.digest, known)
+        if self.cfg.scoring.domains and sub.envelope.domain not in self.cfg.scoring.domains:
+            raise self._refuse("FAILED_PRECONDITION", f"domain {sub.envelope.domain!r} is not evaluated here "
+                               f"(domains: {list(self.cfg.scoring.domains)})")
+        return None
+
+    def accept_dataset(self, sub: Submission, payload: Path) -> DatasetReceipt:
+        env = sub.envelope
+        try:
+            row = self.registry.register(payload, env.domain, env.label, key_id(env.public_key))
+        except DatasetError as exc:
+            raise self._refuse("INVALID_ARGUMENT", str(exc)) from None
+        self.ledger.add_dataset_upload(sub.digest.hex(), row.dataset_id, now_ms())
+        self.metrics.datasets.inc()
+        log.info("dataset registered", extra={"dataset": row.dataset_id, "domain": row.domain,
+                                              "records": row.records, "heldout": row.heldout_records})
+        return self._dataset_receipt(sub.digest, row)

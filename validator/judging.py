@@ -1,0 +1,87 @@
+"""Judging one submission: decode, check, compare with earlier ones, evaluate; one verdict row out.
+
+Order, cheapest first: the codec (format), the checks (version, experts, shapes, finite, norm cap),
+negligible size (score 0, not evaluated), anti-copy (cosine to every earlier decodable delta of the
+round, reloaded one at a time so memory holds two deltas), then held-out evaluation and the guard.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from protocol.codec import decode_delta
+from protocol.errors import DeltaFormatError
+from validator.checks import CheckedDelta, CheckFailed, check_delta
+from validator.config import MergeSection, ScoringSection
+from validator.ledger import SubmissionRow, VerdictRow
+from validator.merge import merge_weight
+from validator.runtime import ModelRuntime
+from validator.scoring import BaseLosses, EvalRows, evaluate, max_cosine
+from validator.spool import Spool
+
+# Verdict codes of submissions whose payload never decoded or failed the checks: not compared for copies.
+UNREADABLE = ("format", "version", "experts", "shape", "dtype", "finite", "norm_cap")
+
+
+@dataclass(frozen=True)
+class RoundEval:
+    """A round's fixed evaluation state: rows and base-model losses."""
+
+    rows: EvalRows
+    base: BaseLosses
+
+
+def decode(spool: Spool, sub: SubmissionRow, runtime: ModelRuntime) -> dict[str, torch.Tensor]:
+    return decode_delta(spool.read(sub.path), runtime.shapes).tensors
+
+
+def checked(spool: Spool, sub: SubmissionRow, runtime: ModelRuntime, base_version: int,
+            cfg: ScoringSection) -> CheckedDelta:
+    try:
+        decoded = decode_delta(spool.read(sub.path), runtime.shapes)
+    except DeltaFormatError as exc:
+        raise CheckFailed("format", str(exc)) from None
+    return check_delta(decoded.tensors, decoded.header.experts, decoded.header.model_version, base_version,
+                       runtime.shapes, runtime.norms, cfg.max_update_ratio)
+
+
+def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntime, spool: Spool, base_version: int,
+          ev: RoundEval, cfg: ScoringSection, limits: MergeSection) -> VerdictRow:
+    t0 = time.perf_counter()
+    common = dict(digest=sub.digest, round=sub.round)
+
+    def done(verdict: str, reason: str, score: float = 0.0, **parts) -> VerdictRow:
+        return VerdictRow(**common, verdict=verdict, reason=reason, score=score, seconds=time.perf_counter() - t0,
+                          scored_ms=int(time.time() * 1000), **parts)
+
+    try:
+        delta = checked(spool, sub, runtime, base_version, cfg)
+    except CheckFailed as exc:
+        return done("rejected", str(exc))
+    sizes = dict(delta_norm=delta.norm, update_ratio=delta.max_expert_ratio)
+    if sub.domain not in ev.rows.domain_NL:
+        return done("rejected", f"no_eval_data: domain {sub.domain!r} has too little held-out data to score", **sizes)
+    if delta.relative_norm < cfg.negligible_ratio:
+        return done("zero", f"negligible: ‖Δ‖/‖W‖ = {delta.relative_norm:.3g} < {cfg.negligible_ratio}", **sizes)
+
+    def others() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        for other in earlier:
+            yield other.digest, decode(spool, other, runtime)
+
+    cos, twin = max_cosine(delta.tensors, others())
+    sizes["max_cosine"] = cos
+    if cos > cfg.copy_cosine:
+        return done("rejected", f"copy: cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}",
+                    copy_of=twin, **sizes)
+    s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score)
+    weight = merge_weight(s.score, sub.token_count, limits.max_tokens) if s.verdict == "accepted" else None
+    return done(s.verdict, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, general_base=s.general_base,
+                general_new=s.general_new, eval_tokens=s.eval_tokens, weight=weight, **sizes)
+
+
+def comparable(subs: list[SubmissionRow], verdicts: dict[str, VerdictRow]) -> list[SubmissionRow]:
+    """Earlier submissions a new one is compared with: those whose payload decoded and passed the checks."""
+    return [s for s in subs if s.digest in verdicts and verdicts[s.digest].reason.split(":")[0] not in UNREADABLE]

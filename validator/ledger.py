@@ -1,0 +1,313 @@
+"""The validator's durable state: one SQLite database in WAL mode (schema in docs/validator.md).
+
+Every state change that must survive kill -9 is one transaction here; files it refers to (spooled
+payloads, checkpoints, momentum tensors) are written and fsynced first, so a row never points at a
+half-written file. Rows are plain dataclasses; SQL stays in this module.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+STATES = ("open", "scoring", "merging", "published", "empty")
+VERDICTS = ("accepted", "zero", "rejected")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL,
+  state TEXT NOT NULL CHECK (state IN {STATES}),
+  opened_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL, closed_ms INTEGER, finished_ms INTEGER,
+  published_version INTEGER, eval_spec TEXT);
+CREATE TABLE IF NOT EXISTS submissions (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, digest TEXT NOT NULL UNIQUE,
+  round INTEGER NOT NULL REFERENCES rounds(round), miner TEXT NOT NULL, domain TEXT NOT NULL,
+  model_version INTEGER NOT NULL, payload_sha256 TEXT NOT NULL, payload_bytes INTEGER NOT NULL,
+  path TEXT NOT NULL, codec TEXT NOT NULL, token_count INTEGER NOT NULL, experts TEXT NOT NULL,
+  received_ms INTEGER NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS submissions_payload ON submissions (round, miner, payload_sha256);
+CREATE TABLE IF NOT EXISTS verdicts (
+  digest TEXT PRIMARY KEY REFERENCES submissions(digest), round INTEGER NOT NULL,
+  verdict TEXT NOT NULL CHECK (verdict IN {VERDICTS}), reason TEXT NOT NULL, score REAL NOT NULL,
+  base_loss REAL, new_loss REAL, general_base REAL, general_new REAL, max_cosine REAL, copy_of TEXT,
+  update_ratio REAL, delta_norm REAL, eval_tokens INTEGER, weight REAL, seconds REAL, scored_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+  version INTEGER PRIMARY KEY, parent INTEGER, round INTEGER, dir TEXT NOT NULL,
+  manifest_sha256 TEXT NOT NULL, published_ms INTEGER NOT NULL, pruned INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS momentum (
+  layer INTEGER NOT NULL, expert INTEGER NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
+  round INTEGER NOT NULL, PRIMARY KEY (layer, expert));
+CREATE TABLE IF NOT EXISTS datasets (
+  dataset_id TEXT PRIMARY KEY, domain TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
+  records INTEGER NOT NULL, duplicates INTEGER NOT NULL, train_records INTEGER NOT NULL,
+  heldout_records INTEGER NOT NULL, train_path TEXT NOT NULL, heldout_path TEXT NOT NULL,
+  train_sha256 TEXT NOT NULL, train_bytes INTEGER NOT NULL, registered_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dataset_uploads (
+  digest TEXT PRIMARY KEY, dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id), received_ms INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    base_version: int
+    state: str
+    opened_ms: int
+    deadline_ms: int
+    closed_ms: int | None = None
+    finished_ms: int | None = None
+    published_version: int | None = None
+    eval_spec: str | None = None  # JSON {domain: [dataset ids]} frozen when scoring starts
+
+
+@dataclass(frozen=True)
+class SubmissionRow:
+    seq: int | None  # arrival order, assigned by the database
+    digest: str
+    round: int
+    miner: str
+    domain: str
+    model_version: int
+    payload_sha256: str
+    payload_bytes: int
+    path: str  # relative to the state directory
+    codec: str
+    token_count: int
+    experts: str  # JSON {layer: [ids]}
+    received_ms: int
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    digest: str
+    round: int
+    verdict: str
+    reason: str
+    score: float
+    base_loss: float | None = None
+    new_loss: float | None = None
+    general_base: float | None = None
+    general_new: float | None = None
+    max_cosine: float | None = None
+    copy_of: str | None = None
+    update_ratio: float | None = None
+    delta_norm: float | None = None
+    eval_tokens: int | None = None
+    weight: float | None = None
+    seconds: float | None = None
+    scored_ms: int = 0
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    parent: int | None
+    round: int | None
+    dir: str
+    manifest_sha256: str
+    published_ms: int
+    pruned: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    dataset_id: str
+    domain: str
+    name: str
+    owner: str
+    records: int
+    duplicates: int
+    train_records: int
+    heldout_records: int
+    train_path: str
+    heldout_path: str
+    train_sha256: str
+    train_bytes: int
+    registered_ms: int
+
+
+def _columns(cls) -> str:
+    return ", ".join(f.name for f in fields(cls))
+
+
+def _insert(cls, table: str, skip: tuple[str, ...] = ()) -> str:
+    names = [f.name for f in fields(cls) if f.name not in skip]
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+
+
+class Ledger:
+    """One connection shared by the daemon's threads behind a lock (SQLite serialises writers anyway)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed round survives power loss, not just kill -9
+        self._db.execute("PRAGMA foreign_keys=ON")
+        try:
+            self._create()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _create(self) -> None:
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):  # executescript would commit the open transaction
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise ValueError(f"{self.path}: ledger schema {row[0]} is not {SCHEMA_VERSION}; "
+                                 "use a fresh state_dir or a matching expertmesh version")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _all(self, cls, sql: str, args: tuple = ()) -> list:
+        with self._lock:
+            return [cls(*r) for r in self._db.execute(sql, args).fetchall()]
+
+    def _one(self, cls, sql: str, args: tuple = ()):
+        rows = self._all(cls, sql, args)
+        return rows[0] if rows else None
+
+    # --- rounds --------------------------------------------------------------------------------
+    def current_round(self) -> RoundRow | None:
+        return self._one(RoundRow, f"SELECT {_columns(RoundRow)} FROM rounds ORDER BY round DESC LIMIT 1")
+
+    def round(self, number: int) -> RoundRow | None:
+        return self._one(RoundRow, f"SELECT {_columns(RoundRow)} FROM rounds WHERE round=?", (number,))
+
+    def rounds(self) -> list[RoundRow]:
+        return self._all(RoundRow, f"SELECT {_columns(RoundRow)} FROM rounds ORDER BY round")
+
+    def open_round(self, db: sqlite3.Connection, number: int, base_version: int, opened_ms: int, deadline_ms: int) -> None:
+        db.execute("INSERT INTO rounds (round, base_version, state, opened_ms, deadline_ms) VALUES (?, ?, 'open', ?, ?)",
+                   (number, base_version, opened_ms, deadline_ms))
+
+    def move_round(self, db: sqlite3.Connection, number: int, src: str, dst: str, **values) -> None:
+        """Compare-and-set a round's state; an unexpected current state is a bug, not user input."""
+        sets = ", ".join(["state=?"] + [f"{k}=?" for k in values])
+        cur = db.execute(f"UPDATE rounds SET {sets} WHERE round=? AND state=?", (dst, *values.values(), number, src))
+        assert cur.rowcount == 1, f"round {number} is not {src!r}"
+
+    def extend_deadline(self, number: int, deadline_ms: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE rounds SET deadline_ms=? WHERE round=? AND state='open'", (deadline_ms, number))
+
+    # --- submissions ---------------------------------------------------------------------------
+    def add_submission(self, db: sqlite3.Connection, row: SubmissionRow) -> None:
+        db.execute(_insert(SubmissionRow, "submissions", skip=("seq",)), astuple(row)[1:])
+
+    def submission(self, digest: str) -> SubmissionRow | None:
+        return self._one(SubmissionRow, f"SELECT {_columns(SubmissionRow)} FROM submissions WHERE digest=?", (digest,))
+
+    def same_payload(self, number: int, miner: str, payload_sha256: str) -> SubmissionRow | None:
+        return self._one(SubmissionRow, f"SELECT {_columns(SubmissionRow)} FROM submissions "
+                         "WHERE round=? AND miner=? AND payload_sha256=?", (number, miner, payload_sha256))
+
+    def submissions(self, number: int) -> list[SubmissionRow]:
+        return self._all(SubmissionRow, f"SELECT {_columns(SubmissionRow)} FROM submissions WHERE round=? ORDER BY seq",
+                         (number,))
+
+    def count_submissions(self, db: sqlite3.Connection, number: int, miner: str | None = None) -> int:
+        if miner is None:
+            return db.execute("SELECT COUNT(*) FROM submissions WHERE round=?", (number,)).fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM submissions WHERE round=? AND miner=?", (number, miner)).fetchone()[0]
+
+    def spool_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM submissions")}
+
+    # --- verdicts ------------------------------------------------------------------------------
+    def add_verdict(self, row: VerdictRow) -> None:
+        with self.transaction() as db:
+            db.execute(_insert(VerdictRow, "verdicts"), astuple(row))
+
+    def verdicts(self, number: int) -> dict[str, VerdictRow]:
+        rows = self._all(VerdictRow, f"SELECT {_columns(VerdictRow)} FROM verdicts WHERE round=?", (number,))
+        return {v.digest: v for v in rows}
+
+    def leaderboard(self) -> list[tuple[str, int, float]]:
+        """(miner, accepted count, total score) over submissions merged into published versions."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(
+                "SELECT s.miner, COUNT(*), SUM(v.score) FROM verdicts v JOIN submissions s ON s.digest=v.digest "
+                "JOIN rounds r ON r.round=v.round WHERE v.verdict='accepted' AND r.state='published' "
+                "GROUP BY s.miner ORDER BY SUM(v.score) DESC, s.miner")]
+
+    # --- versions and momentum -----------------------------------------------------------------
+    def add_version(self, db: sqlite3.Connection, row: VersionRow) -> None:
+        db.execute(_insert(VersionRow, "versions"), astuple(row))
+
+    def latest_version(self) -> VersionRow | None:
+        return self._one(VersionRow, f"SELECT {_columns(VersionRow)} FROM versions ORDER BY version DESC LIMIT 1")
+
+    def version(self, number: int) -> VersionRow | None:
+        return self._one(VersionRow, f"SELECT {_columns(VersionRow)} FROM versions WHERE version=?", (number,))
+
+    def versions(self) -> list[VersionRow]:
+        return self._all(VersionRow, f"SELECT {_columns(VersionRow)} FROM versions ORDER BY version")
+
+    def mark_pruned(self, number: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE versions SET pruned=1 WHERE version=?", (number,))
+
+    def momentum_refs(self) -> dict[tuple[int, int], tuple[str, str]]:
+        with self._lock:
+            rows = self._db.execute("SELECT layer, expert, path, sha256 FROM momentum").fetchall()
+        return {(l, e): (p, s) for l, e, p, s in rows}
+
+    def set_momentum(self, db: sqlite3.Connection, refs: dict[tuple[int, int], tuple[str, str]], number: int) -> None:
+        db.executemany("INSERT OR REPLACE INTO momentum VALUES (?, ?, ?, ?, ?)",
+                       [(l, e, p, s, number) for (l, e), (p, s) in sorted(refs.items())])
+
+    # --- datasets ------------------------------------------------------------------------------
+    def add_dataset(self, row: DatasetRow) -> None:
+        with self.transaction() as db:
+            db.execute(_insert(DatasetRow, "datasets"), astuple(row))
+
+    def add_dataset_upload(self, digest: str, dataset_id: str, received_ms: int) -> None:
+        """Which dataset a signed upload registered, so the same upload again gets the same answer."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO dataset_uploads VALUES (?, ?, ?)", (digest, dataset_id, received_ms))
+
+    def dataset_of_upload(self, digest: str) -> DatasetRow | None:
+        return self._one(DatasetRow, f"SELECT {_columns(DatasetRow)} FROM datasets WHERE dataset_id="
+                         "(SELECT dataset_id FROM dataset_uploads WHERE digest=?)", (digest,))
+
+    def dataset(self, dataset_id: str) -> DatasetRow | None:
+        return self._one(DatasetRow, f"SELECT {_columns(DatasetRow)} FROM datasets WHERE dataset_id=?", (dataset_id,))
+
+    def datasets(self, domain: str | None = None, before_ms: int | None = None) -> list[DatasetRow]:
+        sql, args = f"SELECT {_columns(DatasetRow)} FROM datasets WHERE 1=1", []
+        if domain is not None:
+            sql, args = sql + " AND domain=?", args + [domain]
+        if before_ms is not None:
+            sql, args = sql + " AND registered_ms<=?", args + [before_ms]
+        return self._all(DatasetRow, sql + " ORDER BY registered_ms, dataset_id", tuple(args))
+
+
+def experts_json(experts: dict[int, tuple[int, ...] | list[int]]) -> str:
+    return json.dumps({str(l): list(ids) for l, ids in sorted(experts.items())}, sort_keys=True)

@@ -1,0 +1,114 @@
+"""Merge a round's accepted deltas into the model and publish the next version (files only).
+
+Everything written here is derived from the ledger (base version, accepted verdicts in arrival
+order, momentum references) and is written before the single ledger transaction that makes it
+current (RoundBook.finish_published). A crash anywhere before that commit leaves the ledger on the
+old version; redoing the step gives byte-identical files, which simply replace the leftovers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from protocol.names import PROJS, expert_key, parse_expert_key
+from validator.config import MergeSection
+from validator.files import file_sha256, fsync_path
+from validator.judging import decode
+from validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
+from validator.merge import OuterConfig, WeightedMean, outer_step
+from validator.publish import manifest_sha256, write_checkpoint
+from validator.runtime import ModelRuntime
+from validator.spool import Spool
+
+@dataclass(frozen=True)
+class Release:
+    version: VersionRow
+    momentum: dict[tuple[int, int], tuple[str, str]]  # (layer, expert) -> (path under state dir, sha256)
+    directory: Path
+
+
+def _expert_keys(layer: int, expert: int) -> list[str]:
+    return [expert_key(layer, expert, p) for p in PROJS]
+
+
+def load_momentum(state_dir: Path, refs: dict[tuple[int, int], tuple[str, str]], experts: set[tuple[int, int]]
+                  ) -> dict[str, torch.Tensor]:
+    out = {}
+    for le in sorted(experts & refs.keys()):
+        path, sha = refs[le]
+        if file_sha256(state_dir / path) != sha:
+            raise ValueError(f"{state_dir / path}: momentum file does not match the ledger; the state was altered")
+        out.update(load_file(state_dir / path))
+    return out
+
+
+def save_momentum(state_dir: Path, round_number: int, momentum: dict[str, torch.Tensor]
+                  ) -> dict[tuple[int, int], tuple[str, str]]:
+    """One safetensors file per expert (gate, up, down momenta), fsynced; never pickle."""
+    folder = state_dir / "momentum" / f"r{round_number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    experts = sorted({parse_expert_key(k)[:2] for k in momentum})
+    refs = {}
+    for layer, expert in experts:
+        rel = f"momentum/r{round_number}/{layer}.{expert}.safetensors"
+        save_file({k: momentum[k].contiguous() for k in _expert_keys(layer, expert)}, state_dir / rel)
+        fsync_path(state_dir / rel)
+        refs[(layer, expert)] = (rel, file_sha256(state_dir / rel))
+    fsync_path(folder)
+    return refs
+
+
+def merge_round(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[SubmissionRow, VerdictRow]],
+                momentum: Callable[[set[tuple[int, int]]], dict[str, torch.Tensor]], cfg: MergeSection
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(new weights, new momenta) of the touched experts; the model itself is not changed here."""
+    mean = WeightedMean()
+    for sub, verdict in accepted:  # arrival order: the sums run in the same order on every replay
+        mean.add(decode(spool, sub, runtime), verdict.weight)
+    mean_delta = mean.result()
+    touched = {parse_expert_key(k)[:2] for k in mean_delta}
+    base = {}
+    for layer, expert in sorted(touched):
+        base.update({k: v.detach().clone() for k, v in runtime.moe.expert_weights(layer, expert).items()})
+    return outer_step(base, mean_delta, momentum(touched), OuterConfig(cfg.outer_lr, cfg.momentum, cfg.nesterov))
+
+
+def publish_round(runtime: ModelRuntime, ledger: Ledger, spool: Spool, state_dir: Path, row: RoundRow,
+                  accepted: list[tuple[SubmissionRow, VerdictRow]], cfg: MergeSection, clock_ms: int,
+                  before_rename: Callable[[], None] | None = None) -> Release:
+    """Write version base+1 (checkpoint, manifest, momentum files); the caller commits it to the ledger."""
+    refs = ledger.momentum_refs()
+    new_w, new_m = merge_round(runtime, spool, accepted, lambda ex: load_momentum(state_dir, refs, ex), cfg)
+    with torch.no_grad():
+        for key, w in new_w.items():
+            layer, expert, _ = parse_expert_key(key)
+            runtime.moe.expert_weights(layer, expert)[key].copy_(w)
+    new_refs = save_momentum(state_dir, row.round, new_m)
+    parent = ledger.version(row.base_version)
+    manifest = {"parent": row.base_version, "parent_manifest_sha256": parent.manifest_sha256, "round": row.round,
+                "merge": {"outer_lr": cfg.outer_lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov},
+                "accepted": [{"submission": s.digest, "miner": s.miner, "domain": s.domain, "score": v.score,
+                              "tokens": s.token_count, "weight": v.weight, "experts": s.experts}
+                             for s, v in accepted],
+                "leaderboard": leaderboard_after(ledger, accepted)}
+    version = row.base_version + 1
+    directory = write_checkpoint(runtime.moe.model, runtime.tokenizer, runtime.checkpoints, version, manifest,
+                                 before_rename)
+    vrow = VersionRow(version=version, parent=row.base_version, round=row.round, dir=directory.name,
+                      manifest_sha256=manifest_sha256(directory), published_ms=clock_ms)
+    return Release(vrow, new_refs, directory)
+
+
+def leaderboard_after(ledger: Ledger, accepted: list[tuple[SubmissionRow, VerdictRow]]) -> list[dict]:
+    """Every miner's accepted count and total score once this round is published (the status table)."""
+    board = {m: [n, s] for m, n, s in ledger.leaderboard()}
+    for sub, verdict in accepted:
+        entry = board.setdefault(sub.miner, [0, 0.0])
+        entry[0] += 1
+        entry[1] += verdict.score
+    ranked = sorted(board.items(), key=lambda kv: (-kv[1][1], kv[0]))
+    return [{"miner": m, "accepted": n, "total_score": s} for m, (n, s) in ranked]
