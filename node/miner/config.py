@@ -56,7 +56,7 @@ class SelectSection(_Section):
 
 class TrainSection(_Section):
     steps: int = Field(30, ge=1, le=1_000_000, description="H: inner AdamW steps per round")
-    lr: float = Field(2e-3, gt=0, lt=1)
+    lr: float = Field(1e-3, gt=0, lt=1)
     batch_size: int = Field(8, ge=1, le=4096, description="rows of seq_len tokens per step")
     seq_len: int = Field(256, ge=8, le=1 << 16)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="the round number is added, so rounds see different batches")
