@@ -68,3 +68,13 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path, cli):
     path.write_text('domain = "math"\nkey = "nokey"\n[validator]\naddress = "127.0.0.1:1"\n')
     r = cli("miner", "run", "--config", str(path))  # a missing key file is fatal too, before any network
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "nokey" in r.stderr, r.stderr
+
+
+def test_readme_validator_example_is_a_valid_validator_config(tmp_path):
+    from validator.config import load_config as load_validator_config
+
+    block = re.search(r"A complete `validator.toml`.*?```toml\n(.*?)```", README.read_text(), re.S)
+    assert block, "README lost its complete validator.toml example"
+    (tmp_path / "validator.toml").write_text(block.group(1))
+    cfg = load_validator_config(tmp_path / "validator.toml")
+    assert cfg.dht.enabled and cfg.server.port == 50051 and cfg.state_dir == tmp_path / "validator-state"
