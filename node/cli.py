@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from node.defaults import DEFAULT_LR, DEFAULT_P
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -61,7 +63,7 @@ def select(
     profile: Path = typer.Option(..., "--profile", help="profile.json from `expertmesh profile`"),
     out: Path = typer.Option(..., "--out", help="where to write experts.json (ESFT format)"),
     score: str = typer.Option("token", "--score", help="token (selection share) or gate (gate mass)"),
-    p: float = typer.Option(0.2, "--p", help="cumulative score to reach per layer, in (0, 1]"),
+    p: float = typer.Option(DEFAULT_P, "--p", help="cumulative score to reach per layer, in (0, 1]"),
     min_per_layer: int = typer.Option(1, "--min-per-layer"),
     max_per_layer: Optional[int] = typer.Option(None, "--max-per-layer"),
 ) -> None:
@@ -82,7 +84,7 @@ def train(
     model: Optional[Path] = ModelOpt,
     text_field: Optional[str] = FieldOpt,
     template: Optional[str] = TemplateOpt,
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="AdamW learning rate (default from the README sweep)"),
     batch_size: int = typer.Option(8, "--batch-size", help="rows of 256 tokens per step"),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save resumable inner state to OUT/state every N steps"),

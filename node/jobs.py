@@ -19,6 +19,7 @@ from node.evaluate import mean_loss
 from node.moe import MoEModel, load_model, read_config
 from node.paths import DEFAULT_MODEL
 from node.profile import RoutingProfile, batches
+from node.defaults import DEFAULT_LR, DEFAULT_P
 from node.select import from_esft_json, select_experts, to_esft_json
 from node.train import SelectiveExperts, TrainConfig, Trainer
 
@@ -76,7 +77,7 @@ def _chain(first, rest):
     yield from rest
 
 
-def run_select(profile: Path, out: Path, score: str = "token", p: float = 0.2, min_per_layer: int = 1,
+def run_select(profile: Path, out: Path, score: str = "token", p: float = DEFAULT_P, min_per_layer: int = 1,
                max_per_layer: int | None = None) -> dict:
     chosen = select_experts(_read_json(profile), score, p, min_per_layer, max_per_layer)
     doc = to_esft_json(chosen)
@@ -85,7 +86,7 @@ def run_select(profile: Path, out: Path, score: str = "token", p: float = 0.2, m
 
 
 def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path | None = None,
-              text_field: str | None = None, template: str | None = None, lr: float = 1e-3, batch_size: int = 8,
+              text_field: str | None = None, template: str | None = None, lr: float = DEFAULT_LR, batch_size: int = 8,
               seed: int = 0, eval_tokens: int = 16_384, checkpoint_every: int = 0, log_every: int = 10) -> dict:
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     train_texts, held_texts = split(iter_texts(data, text_field, template))

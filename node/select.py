@@ -6,6 +6,8 @@ expert that crosses p is included. Then min/max per layer apply.
 """
 from __future__ import annotations
 
+from node.defaults import DEFAULT_P
+
 
 class SelectionError(ValueError):
     """A profile or selection request that cannot be honoured."""
@@ -25,7 +27,7 @@ def layer_scores(profile: dict, score: str = "token") -> dict[int, list[float]]:
         raise SelectionError(f"not a routing profile (missing or malformed {exc}); make one with `expertmesh profile`") from None
 
 
-def select_experts(profile: dict, score: str = "token", p: float = 0.2, min_per_layer: int = 1,
+def select_experts(profile: dict, score: str = "token", p: float = DEFAULT_P, min_per_layer: int = 1,
                    max_per_layer: int | None = None) -> dict[int, list[int]]:
     if not 0 < p <= 1:
         raise SelectionError(f"--p must be in (0, 1], got {p}")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kernels import expert_ffn
+from node.defaults import DEFAULT_LR
 from node.moe import MoEModel
 from protocol.names import expert_key
 
@@ -26,7 +27,7 @@ from protocol.names import expert_key
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1

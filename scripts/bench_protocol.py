@@ -7,8 +7,7 @@ MB (signed envelope, 1 MiB frames, server spools to disk and checks size and sha
 accepts without decoding, so this measures the transport. Median of --repeats; goal >= 200 MB/s.
 
 Compression: every codec on an fp32 delta keyed by canonical expert names (what `expertmesh train`
-writes). Without --delta it says so and uses a synthetic Gaussian delta of the shipped tiny model's
-shapes, whose ratios say little about real deltas' top-k behaviour.
+writes). Without --delta it trains a real one first (40 ESFT steps on math with the shipped model).
 """
 from __future__ import annotations
 
@@ -30,13 +29,12 @@ from protocol import identity  # noqa: E402
 from protocol.admission import AdmissionConfig  # noqa: E402
 from protocol.backend import ValidatorBackend  # noqa: E402
 from protocol.client import ClientConfig, ValidatorClient, sign_upload  # noqa: E402
-from protocol.codec import CodecConfig, DeltaMeta, DeltaSpec, decode_delta, encode_delta  # noqa: E402
-from protocol.names import PROJS, expert_key, parse_expert_key  # noqa: E402
+from protocol.codec import CodecConfig, DeltaMeta, decode_delta, encode_delta  # noqa: E402
+from protocol.names import parse_expert_key  # noqa: E402
 from protocol.server import ServerConfig, ValidatorServer  # noqa: E402
 from protocol.types import Receipt  # noqa: E402
 
 GOAL_MB_S = 200.0
-TINY = DeltaSpec(num_layers=4, num_experts=64, hidden=128, intermediate=64)
 
 
 class SinkBackend(ValidatorBackend):
@@ -89,10 +87,21 @@ def bench_throughput(size_mb: int, repeats: int) -> None:
     print(f"goal >= {GOAL_MB_S:.0f} MB/s for the upload: {verdict}")
 
 
-def synthetic_delta(experts_per_layer: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {expert_key(l, e, p): torch.randn(TINY.shape_of(expert_key(l, e, p)), generator=g) * 1e-3
-            for l in range(TINY.num_layers) for e in range(experts_per_layer) for p in PROJS}
+def train_real_delta(steps: int = 40) -> Path:
+    """A real ESFT delta of the shipped model: profile, select and train on 1,000 GSM8K records."""
+    import tempfile
+
+    from node.domains import MATH_TEMPLATE
+    from node.jobs import run_profile, run_select, run_train
+    from node.paths import shared_data_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-delta-"))
+    lines = (shared_data_dir() / "gsm8k_train.jsonl").read_text().splitlines()[:1000]
+    (tmp / "math.jsonl").write_text("\n".join(lines) + "\n")
+    run_profile(tmp / "math.jsonl", tmp / "profile.json", template=MATH_TEMPLATE, tokens=32_768)
+    run_select(tmp / "profile.json", tmp / "experts.json")
+    run_train(tmp / "math.jsonl", tmp / "experts.json", steps, tmp / "run", template=MATH_TEMPLATE, log_every=10**9)
+    return tmp / "run" / "delta.safetensors"
 
 
 def load_delta(path: Path) -> dict[str, torch.Tensor]:
@@ -159,16 +168,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # small per-expert tensors: threads only contend (and the host may be shared)
     bench_throughput(args.size_mb, args.repeats)
-    if args.delta is not None:
-        delta = load_delta(args.delta)
-        bench_codecs(delta, f"{args.delta}")
-        bench_feedback(delta)
-    else:
-        print("\nno --delta given: using a SYNTHETIC Gaussian delta (std 1e-3) of the tiny model's shapes "
-              "(4 layers x 8 of 64 experts, H=128, I=64), not a real trained delta")
-        delta = synthetic_delta()
-        bench_codecs(delta, "a synthetic delta")
-        bench_feedback(delta)
+    source = args.delta
+    if source is None:
+        print("\nno --delta given: training one (40 ESFT steps on math with the shipped model)", flush=True)
+        source = train_real_delta()
+    delta = load_delta(source)
+    bench_codecs(delta, f"a real delta ({source})")
+    bench_feedback(delta)
 
 
 if __name__ == "__main__":
