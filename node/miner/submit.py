@@ -96,14 +96,16 @@ class Outbox:
         env = SignedEnvelope(bytes.fromhex(doc["body"]), bytes.fromhex(doc["signature"]))
         return Prepared(work_dir, doc["round"], doc["model_version"], work_dir / "delta.safetensors", env)
 
-    def send(self, client: ValidatorClient, prepared: Prepared, model_sha256: bytes) -> Receipt:
+    def send(self, client: ValidatorClient, prepared: Prepared, model_sha256: bytes, resigned: bool = False) -> Receipt:
         """Submit; CannotTakePart(reason="refused") for a final refusal, RemoteError for a retryable one."""
         try:
             receipt = client.submit_delta(prepared.payload, prepared.envelope)
         except RemoteError as exc:
-            if exc.code == "OUT_OF_RANGE":  # signed too long ago (we were down): same payload, fresh envelope
+            # Signed too long ago (we were down): same payload, fresh envelope, once. Refused again, the
+            # clocks disagree; that is retried with backoff and the validator's message says so.
+            if exc.code == "OUT_OF_RANGE" and not resigned:
                 prepared = self._sign(prepared.work_dir, prepared.round, prepared.model_version, model_sha256)
-                return self.send(client, prepared, model_sha256)
+                return self.send(client, prepared, model_sha256, resigned=True)
             if exc.code in FINAL_CODES:
                 raise CannotTakePart("refused", f"round {prepared.round}: the validator refused the submission: "
                                      f"{exc.code}: {exc.details}") from None
