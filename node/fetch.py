@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.files import file_sha256
 from protocol.types import CheckpointRef
 
 MANIFEST = "manifest.json"
@@ -40,14 +41,6 @@ class Manifest:
     sha256: bytes  # of the manifest file itself
     files: dict[str, tuple[str, int]]  # name -> (sha256 hex, size)
     doc: dict
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
 
 
 def parse_manifest(data: bytes, sha256: bytes, version: int | None = None) -> Manifest:

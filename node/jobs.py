@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from node.data import iter_texts, pack, split, tokenize
 from node.evaluate import mean_loss
+from node.files import file_sha256
 from node.moe import MoEModel, load_model, read_config
 from node.paths import DEFAULT_MODEL
 from node.profile import RoutingProfile, batches
@@ -35,15 +36,13 @@ def data_rows(tokenizer, texts, max_tokens: int | None = None, seq_len: int = SE
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a dataset file, or of a save_to_disk directory's files in name order."""
+    if not path.is_dir():
+        return file_sha256(path)
     h = hashlib.sha256()
-    if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            if f.is_file():
-                h.update(f.read_bytes())
-    else:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(bytes.fromhex(file_sha256(f)))
     return h.hexdigest()
 
 

@@ -6,25 +6,20 @@ docs/validator.md has a complete example file.
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
+
+from node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
 
 from protocol.types import DOMAIN_RE
 
 
 
-class ConfigError(ValueError):
-    """A validator config that cannot be used; the message names the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSection(_Section):
+class ServerSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0: any free port (logged at start)")
     max_delta_bytes: int = Field(1 << 30, ge=1024, le=1 << 40)
@@ -34,7 +29,7 @@ class ServerSection(_Section):
     max_workers: int = Field(16, ge=1, le=1024)
 
 
-class RoundsSection(_Section):
+class RoundsSection(Section):
     duration_s: float = Field(600.0, gt=0, le=30 * 86_400, description="a round closes this long after it opens")
     min_submissions: int = Field(1, ge=1, le=100_000, description="at the deadline with fewer, the deadline moves on")
     max_submissions: int = Field(0, ge=0, le=100_000, description="close as soon as this many arrived (0: only the deadline)")
@@ -42,7 +37,7 @@ class RoundsSection(_Section):
     poll_s: float = Field(0.5, gt=0, le=60)
 
 
-class ScoringSection(_Section):
+class ScoringSection(Section):
     domains: tuple[str, ...] = Field((), description="domains evaluated here; empty: every domain with a registered dataset")
     eval_tokens: int = Field(16_384, ge=64, le=1 << 30, description="held-out tokens per domain (fixed batches)")
     general_tokens: int = Field(16_384, ge=64, le=1 << 30, description="tokens of the general held-out mix")
@@ -55,7 +50,7 @@ class ScoringSection(_Section):
     min_score: float = Field(0.0, ge=0, le=100, description="accepted only when the score is above this")
 
 
-class MergeSection(_Section):
+class MergeSection(Section):
     outer_lr: float = Field(0.7, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -63,11 +58,11 @@ class MergeSection(_Section):
                             description="cap on a miner's claimed token count in its merge weight (the claim is untrusted)")
 
 
-class PublishSection(_Section):
+class PublishSection(Section):
     keep_versions: int = Field(3, ge=1, le=10_000, description="published versions kept on disk")
 
 
-class PreloadDataset(_Section):
+class PreloadDataset(Section):
     domain: str
     path: Path
     name: str = ""
@@ -75,14 +70,14 @@ class PreloadDataset(_Section):
     template: str | None = None
 
 
-class DatasetsSection(_Section):
+class DatasetsSection(Section):
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
     max_records: int = Field(2_000_000, ge=1, le=1 << 32)
     max_record_bytes: int = Field(1 << 20, ge=16, le=1 << 30)
     preload: tuple[PreloadDataset, ...] = Field((), description="local files registered at start (idempotent)")
 
 
-class DhtSection(_Section):
+class DhtSection(Section):
     enabled: bool = False
     initial_peers: tuple[str, ...] = ()
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
@@ -91,18 +86,18 @@ class DhtSection(_Section):
     announce_every_s: float = Field(60.0, ge=1, le=3600)
 
 
-class MetricsSection(_Section):
+class MetricsSection(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
 
 
-class LogSection(_Section):
+class LogSection(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
 
 
-class ValidatorConfig(_Section):
+class ValidatorConfig(Section):
     state_dir: Path = Field(Path("validator-state"), description="ledger, spool, checkpoints, datasets, momentum")
     model: Path | None = Field(None, description="base checkpoint imported as version 0 (default: the shipped model)")
     key: Path | None = Field(None, description="Ed25519 key file (default: state_dir/validator.key, created once)")
@@ -130,28 +125,9 @@ class ValidatorConfig(_Section):
         return self
 
 
-def _set_dotted(doc: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        doc = doc.setdefault(p, {})
-        if not isinstance(doc, dict):
-            raise ConfigError(f"cannot override {dotted}: {p} is not a section")
-    doc[leaf] = value
-
-
 def parse_config(doc: dict, overrides: dict[str, Any] | None = None, base_dir: Path | None = None) -> ValidatorConfig:
     """Validate a config document; `overrides` maps dotted field names to values (CLI flags)."""
-    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(doc, dotted, value)
-    try:
-        cfg = ValidatorConfig.model_validate(doc)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"validator config: {where}: {first['msg']}{more}") from None
+    cfg = validate(ValidatorConfig, doc, overrides, "validator")
     return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
 
 
@@ -165,10 +141,5 @@ def _resolve_paths(cfg: ValidatorConfig, base: Path) -> ValidatorConfig:
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ValidatorConfig:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}; see docs/validator.md for an example") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    doc = read_toml(path, "see docs/validator.md for an example")
     return parse_config(doc, overrides, base_dir=path.resolve().parent)

@@ -5,17 +5,19 @@ port, logged at start).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
+from node.metrics import MetricsEndpoint
 from validator.ledger import VerdictRow
 
 _SCORE_BUCKETS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 _SECONDS_BUCKETS = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000)
 
 
-class Metrics:
+class Metrics(MetricsEndpoint):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         p = "expertmesh_validator_"
         self.rounds = Counter(p + "rounds", "rounds finished, by outcome (published or empty)", ["outcome"], registry=r)
         self.received = Counter(p + "received", "submissions taken into a round", registry=r)
@@ -31,7 +33,6 @@ class Metrics:
         self.version = Gauge(p + "model_version", "latest published model version", registry=r)
         self.round = Gauge(p + "round", "current round", registry=r)
         self.datasets = Counter(p + "datasets", "datasets registered", registry=r)
-        self._server = None
 
     def judged(self, v: VerdictRow) -> None:
         self.submissions.labels(verdict=v.verdict, reason=v.reason.split(":")[0]).inc()
@@ -43,13 +44,3 @@ class Metrics:
         self.rounds.labels(outcome="published").inc()
         self.version.set(version)
         self.merge_seconds.observe(seconds)
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics endpoint; returns the port it listens on."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._server.server_port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()

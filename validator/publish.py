@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from validator.files import file_sha256, fsync_path
+from node.files import file_sha256, fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT = "expertmesh-manifest/1"

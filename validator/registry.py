@@ -22,7 +22,7 @@ from pathlib import Path
 
 from node.data import content_hash, is_heldout, iter_texts
 from validator.ledger import DatasetRow, Ledger
-from validator.files import file_sha256
+from node.files import file_sha256
 
 
 class DatasetError(ValueError):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from protocol.names import PROJS, expert_key, parse_expert_key
 from validator.config import MergeSection
-from validator.files import file_sha256, fsync_path
+from node.files import file_sha256, fsync_path
 from validator.judging import decode
 from validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
 from validator.merge import OuterConfig, WeightedMean, outer_step

@@ -15,7 +15,7 @@ from protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, Datase
                             RoundInfo, RoundPhase, Submission)
 from validator.intake import Intake
 from validator.ledger import Ledger
-from validator.files import file_sha256
+from node.files import file_sha256
 from validator.publish import MANIFEST, CheckpointError, manifest_file, read_manifest, version_dir
 from validator.registry import DatasetError, Registry
 from validator.rounds import RoundBook

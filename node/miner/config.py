@@ -7,25 +7,20 @@ miner") has a complete example file and the reference of every field.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the protocol's domain syntax
+from node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
+from protocol.types import DOMAIN_RE
+
 ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 
 
-class ConfigError(ValueError):
-    """A miner config that cannot be used; the message names the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ValidatorSection(_Section):
+class ValidatorSection(Section):
     address: str = Field("", description="validator HOST:PORT; empty: find one on the DHT through initial_peers")
     initial_peers: tuple[str, ...] = Field((), description="DHT bootstrap multiaddrs (`expertmesh bootstrap` prints them)")
     call_timeout_s: float = Field(10.0, gt=0, le=3600, description="deadline of every small call")
@@ -33,7 +28,7 @@ class ValidatorSection(_Section):
     max_dataset_bytes: int = Field(16 << 30, ge=1024, le=1 << 44, description="refuse larger dataset downloads")
 
 
-class DataSection(_Section):
+class DataSection(Section):
     path: Path | None = Field(None, description="local dataset file; absent: the domain's registered train split(s)")
     text_field: str | None = Field(None, description="record field holding the text (default 'text')")
     template: str | None = Field(None, description='render records with a template, e.g. "{question}\\n{answer}"')
@@ -54,7 +49,7 @@ class DataSection(_Section):
 # p 0.3 / lr 3e-3 / 40 steps left math and literature 0.3-0.5% worse than the base after two rounds.
 
 
-class SelectSection(_Section):
+class SelectSection(Section):
     p: float = Field(0.2, gt=0, le=1, description="cumulative routing share to cover per layer (ESFT)")
     score: Literal["token", "gate"] = "token"
     min_per_layer: int = Field(1, ge=0, le=4096)
@@ -62,7 +57,7 @@ class SelectSection(_Section):
     profile_tokens: int = Field(16_384, ge=256, le=1 << 32, description="tokens routed to profile the domain")
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     steps: int = Field(30, ge=1, le=1_000_000, description="H: inner AdamW steps per round")
     lr: float = Field(1e-3, gt=0, lt=1)
     batch_size: int = Field(8, ge=1, le=4096, description="rows of seq_len tokens per step")
@@ -74,13 +69,13 @@ class TrainSection(_Section):
                         description="auto: the first CUDA device if there is one, else the CPU")
 
 
-class CodecSection(_Section):
+class CodecSection(Section):
     codec: Literal["fp32", "bf16", "int8", "topk+int8"] = "int8"
     block: int = Field(256, ge=16, le=32768)
     keep_fraction: float = Field(0.1, gt=0, le=1, description="topk+int8: share of each block sent")
 
 
-class LoopSection(_Section):
+class LoopSection(Section):
     poll_s: float = Field(2.0, gt=0, le=3600, description="how often to ask for the next round")
     backoff_min_s: float = Field(1.0, gt=0, le=3600)
     backoff_max_s: float = Field(60.0, gt=0, le=86_400)
@@ -94,12 +89,12 @@ class LoopSection(_Section):
         return self
 
 
-class MetricsSection(_Section):
+class MetricsSection(Section):
     port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
     host: str = "127.0.0.1"
 
 
-class MinerConfig(_Section):
+class MinerConfig(Section):
     domain: str = Field(..., description="the domain this miner trains, e.g. math")
     key: Path = Field(..., description="Ed25519 key file (`expertmesh keygen --out miner.key`)")
     state_dir: Path = Field(Path("miner-state"), description="model cache, data, inner checkpoints, residual, submissions")
@@ -123,28 +118,9 @@ class MinerConfig(_Section):
         return self
 
 
-def _set_dotted(doc: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        doc = doc.setdefault(p, {})
-        if not isinstance(doc, dict):
-            raise ConfigError(f"cannot override {dotted}: {p} is not a section")
-    doc[leaf] = value
-
-
 def parse_config(doc: dict, overrides: dict[str, Any] | None = None, base_dir: Path | None = None) -> MinerConfig:
     """Validate a config document; `overrides` maps dotted field names to values (CLI flags; None: unset)."""
-    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(doc, dotted, value)
-    try:
-        cfg = MinerConfig.model_validate(doc)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"miner config: {where}: {first['msg']}{more}") from None
+    cfg = validate(MinerConfig, doc, overrides, "miner")
     return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
 
 
@@ -157,10 +133,5 @@ def _resolve_paths(cfg: MinerConfig, base: Path) -> MinerConfig:
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> MinerConfig:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}; README.md (Run a miner) has an example") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    doc = read_toml(path, "README.md (Run a miner) has an example")
     return parse_config(doc, overrides, base_dir=path.resolve().parent)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.data import DataError, content_hash, is_heldout, iter_texts
-from node.fetch import file_sha256
+from node.files import file_sha256
 from node.jobs import file_digest
 from node.miner.config import DataSection
 from node.miner.locate import CannotTakePart

@@ -4,12 +4,15 @@ Served over HTTP only when metrics.port is set (0: off), on metrics.host (loopba
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
+
+from node.metrics import MetricsEndpoint
 
 
-class MinerMetrics:
+class MinerMetrics(MetricsEndpoint):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         p = "expertmesh_miner_"
         self.submissions = Counter(p + "submissions", "submissions by outcome (received, refused)", ["outcome"],
                                    registry=r)
@@ -24,15 +27,3 @@ class MinerMetrics:
         self.selected_experts = Gauge(p + "selected_experts", "experts selected for this round", registry=r)
         self.payload_bytes = Gauge(p + "payload_bytes", "size of the last encoded delta", registry=r)
         self.download_bytes = Counter(p + "download_bytes", "checkpoint and dataset bytes fetched", registry=r)
-        self._server = None
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics endpoint; returns the port it listens on."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._server.server_port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from node.data import pack, tokenize
-from node.fetch import file_sha256
+from node.files import file_sha256
 from node.miner.config import MinerConfig
 from node.miner.data import DomainData
 from node.miner.progress import Progress

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.data import DataError
-from node.fetch import file_sha256
+from node.files import file_sha256
 from node.submission.prepare import Prepared, SubmitLimits, count_tokens, payload_texts, prepare
 from node.submission.tokenizer import validator_tokenizer
 from protocol import identity
