@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -110,13 +111,22 @@ def start_dht(config: DiscoveryConfig = DiscoveryConfig(), identity_key: Ed25519
                   startup_timeout=config.start_timeout_s, start=True)
     if config.announce_maddrs:
         kwargs["announce_maddrs"] = list(config.announce_maddrs)
-    if identity_key is None:
-        return hivemind.DHT(**kwargs)
-    with tempfile.TemporaryDirectory(prefix="expertmesh-id-") as tmp:
-        # p2pd reads its identity once at start; the converted key lives only until then, mode 0600.
-        path = Path(tmp) / "libp2p.key"
-        write_libp2p_identity(identity_key, path)
-        return hivemind.DHT(identity_path=str(path), check_if_identity_free=False, **kwargs)
+    try:
+        if identity_key is None:
+            return hivemind.DHT(**kwargs)
+        with tempfile.TemporaryDirectory(prefix="expertmesh-id-") as tmp:
+            # p2pd reads its identity once at start; the converted key lives only until then, mode 0600.
+            path = Path(tmp) / "libp2p.key"
+            write_libp2p_identity(identity_key, path)
+            return hivemind.DHT(identity_path=str(path), check_if_identity_free=False, **kwargs)
+    except (P2PDaemonError, TimeoutError) as exc:  # a bad multiaddr, an unreachable bootstrap peer, a busy port
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DiscoveryError(f"cannot start the DHT peer ({detail}); check initial_peers and the listen "
+                             "multiaddrs (`expertmesh bootstrap` prints a bootstrap peer's)") from None
+
+
+class DiscoveryError(ProtocolError):
+    """The local DHT peer could not start or join: a configuration problem, not a peer's."""
 
 
 def write_libp2p_identity(key: Ed25519PrivateKey, path: Path) -> None:
