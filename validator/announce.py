@@ -28,14 +28,25 @@ class Announced:
 
 
 class Announcer:
-    def __init__(self, cfg: DhtSection, key: Ed25519PrivateKey, endpoint: str, current: Callable[[], Announced]):
-        self.cfg, self.key, self.endpoint, self.current = cfg, key, endpoint, current
+    """Joins the DHT at construction and announces once `start` names the endpoint.
+
+    Construct it before the gRPC server and the metrics server exist: hivemind forks its DHT
+    process, and a fork while gRPC threads run can leave the child deadlocked (seen in CI as a
+    validator hanging before it ever announced).
+    """
+
+    def __init__(self, cfg: DhtSection, key: Ed25519PrivateKey):
+        self.cfg, self.key = cfg, key
         self.discovery = DiscoveryConfig(initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
                                          record_ttl_s=cfg.record_ttl_s, max_record_ttl_s=max(3600.0, cfg.record_ttl_s))
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.dht = start_dht(self.discovery)
         self.maddrs = visible_maddrs(self.dht)
+        self._thread: threading.Thread | None = None
+
+    def start(self, endpoint: str, current: Callable[[], Announced]) -> None:
+        self.endpoint, self.current = endpoint, current
         self._thread = threading.Thread(target=self._run, name="dht-announce", daemon=True)
         self._thread.start()
 
@@ -63,5 +74,6 @@ class Announcer:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         self.dht.shutdown()

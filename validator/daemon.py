@@ -102,8 +102,14 @@ def serve(node: Node, stop: threading.Event) -> None:
                               admission=AdmissionConfig(timestamp_window_s=s.timestamp_window_s,
                                                         max_payload_bytes={"delta": s.max_delta_bytes,
                                                                            "dataset": s.max_dataset_bytes}))
-    server = ValidatorServer(node.service, server_cfg)
-    announcer = metrics_port = None
+    # the DHT first: hivemind forks its process, which is only safe before gRPC starts its threads
+    announcer = Announcer(cfg.dht, node.key) if cfg.dht.enabled else None
+    try:
+        server = ValidatorServer(node.service, server_cfg)
+    except BaseException:
+        if announcer is not None:
+            announcer.stop()
+        raise
     try:
         print(f"expertmesh-validator: serving on {server.address}", flush=True)
         log.info("serving", extra={"address": server.address, "state_dir": str(cfg.state_dir),
@@ -111,9 +117,8 @@ def serve(node: Node, stop: threading.Event) -> None:
         if cfg.metrics.enabled:
             metrics_port = node.metrics.serve(cfg.metrics.host, cfg.metrics.port)
             log.info("metrics", extra={"url": f"http://{cfg.metrics.host}:{metrics_port}/metrics"})
-        if cfg.dht.enabled:
-            host = cfg.dht.announce_host or s.host
-            announcer = Announcer(cfg.dht, node.key, f"{host}:{server.port}", lambda: _announced(node))
+        if announcer is not None:
+            announcer.start(f"{cfg.dht.announce_host or s.host}:{server.port}", lambda: _announced(node))
             node.scheduler.on_change = announcer.poke
             log.info("joined the DHT", extra={"maddrs": announcer.maddrs})
         _loop(node, stop)

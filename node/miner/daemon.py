@@ -184,10 +184,15 @@ def run_miner(cfg: MinerConfig) -> int:
         torch.set_num_threads(cfg.train.threads)
     progress = Progress("miner", cfg.loop.progress_every_s)
     metrics = MinerMetrics()
+    miner = Miner(cfg, stop, progress, metrics)
+    try:
+        miner.locator.join()  # before any thread starts (see Locator.join); a failure is retried in the loop
+    except CannotTakePart as exc:
+        progress.line(f"not taking part yet: {exc}")
     if cfg.metrics.port:
         port = metrics.serve(cfg.metrics.host, cfg.metrics.port)
         progress.line(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
     try:
-        return Miner(cfg, stop, progress, metrics).run()
+        return miner.run()
     finally:
         metrics.stop()

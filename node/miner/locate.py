@@ -37,18 +37,11 @@ class Locator:
             return self.cfg.address
         if self._found is not None and time.monotonic() - self._found[1] < REMEMBER_S:
             return self._found[0]
-        from protocol.discovery import DiscoveryConfig, find_validators, start_dht
+        from protocol.discovery import find_validators
 
-        config = DiscoveryConfig(initial_peers=tuple(self.cfg.initial_peers), timeout_s=self.cfg.call_timeout_s)
-        if self._dht is None:
-            logging.getLogger("hivemind").setLevel(logging.WARNING)
-            try:
-                self._dht = start_dht(config)
-            except Exception as exc:  # hivemind raises several types when no peer answers
-                raise CannotTakePart("dht", f"cannot join the DHT through {list(self.cfg.initial_peers)}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self.join()
         try:
-            records = find_validators(self._dht, config=config)
+            records = find_validators(self._dht, config=self._config())
         except TimeoutError:
             raise CannotTakePart("dht", "DHT lookup timed out; retrying") from None
         if not records:
@@ -60,6 +53,25 @@ class Locator:
                                  f"{seen}); register a dataset for it with `expertmesh dataset submit`")
         self._found = (ours[0].endpoint, time.monotonic())
         return ours[0].endpoint
+
+    def _config(self):
+        from protocol.discovery import DiscoveryConfig
+
+        return DiscoveryConfig(initial_peers=tuple(self.cfg.initial_peers), timeout_s=self.cfg.call_timeout_s)
+
+    def join(self) -> None:
+        """Start the local DHT peer (when discovery is by DHT). Call it early: hivemind forks its process,
+        which is safe only before gRPC and the metrics server start their threads."""
+        if self.cfg.address or self._dht is not None:
+            return
+        from protocol.discovery import start_dht
+
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+        try:
+            self._dht = start_dht(self._config())
+        except Exception as exc:  # hivemind raises several types when no peer answers
+            raise CannotTakePart("dht", f"cannot join the DHT through {list(self.cfg.initial_peers)}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
     def close(self) -> None:
         if self._dht is not None:
