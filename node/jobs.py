@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -130,10 +131,7 @@ def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path 
         "heldout_loss_before": before, "heldout_loss_after": after, "train_loss": trainer.losses,
     }
     _write_json(out / "summary.json", summary)
-    if state_dir.exists():  # finished: the inner state is no longer needed
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
+    shutil.rmtree(state_dir, ignore_errors=True)  # finished: the inner state is no longer needed
     return summary
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from kernels import expert_ffn
 from node.defaults import DEFAULT_LR
+from node.files import fsync_path
 from node.moe import MoEModel
 from protocol.names import expert_key
 
@@ -136,43 +137,40 @@ class Trainer:
                 on_step(self.step, self.losses[-1])
 
     def save_state(self, path: Path, extra: dict | None = None) -> None:
-        """Trainable slices, AdamW moments, step and data position, written atomically to `path`."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        """Trainable slices, AdamW moments, step and data position, committed atomically into `path`.
+
+        The tensors go to files named by step; state.json, replaced atomically last, names them. A
+        crash at any point leaves the previous state.json and the files it names intact.
+        """
+        path.mkdir(parents=True, exist_ok=True)
         params = {f"{l}.gate_up": self.sel.gate_up[l].detach() for l in self.sel.selection}
         params |= {f"{l}.down": self.sel.down[l].detach() for l in self.sel.selection}
-        save_file({k: v.contiguous() for k, v in params.items()}, tmp / "trainable.safetensors")
-        opt_t = {}
-        for i, st in self.opt.state_dict()["state"].items():
-            for k, v in st.items():
-                opt_t[f"{i}.{k}"] = torch.as_tensor(v).contiguous()
-        save_file(opt_t, tmp / "optimizer.safetensors")
-        meta = {"step": self.step, "losses": self.losses, "config": asdict(self.cfg),
+        opt_t = {f"{i}.{k}": torch.as_tensor(v) for i, st in self.opt.state_dict()["state"].items() for k, v in st.items()}
+        files = {"trainable": f"trainable-{self.step}.safetensors", "optimizer": f"optimizer-{self.step}.safetensors"}
+        for name, tensors in (("trainable", params), ("optimizer", opt_t)):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path / files[name])
+            fsync_path(path / files[name])
+        meta = {"step": self.step, "losses": self.losses, "config": asdict(self.cfg), "files": files,
                 "selection": {str(l): ids for l, ids in self.sel.selection.items()}, **(extra or {})}
-        (tmp / "state.json").write_text(json.dumps(meta))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            path.rename(old)
-            tmp.rename(path)
-            for f in old.iterdir():
+        tmp = path / "state.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        fsync_path(tmp)
+        os.replace(tmp, path / "state.json")
+        fsync_path(path)
+        for f in path.glob("*.safetensors"):
+            if f.name not in files.values():
                 f.unlink()
-            old.rmdir()
-        else:
-            tmp.rename(path)
 
     def load_state(self, path: Path) -> dict:
         meta = json.loads((path / "state.json").read_text())
         if meta["selection"] != {str(l): ids for l, ids in self.sel.selection.items()}:
             raise ValueError(f"{path}: saved state is for a different expert selection; remove it to start afresh")
-        params = load_file(path / "trainable.safetensors")
+        params = load_file(path / meta["files"]["trainable"])
         with torch.no_grad():
             for l in self.sel.selection:
                 self.sel.gate_up[l].copy_(params[f"{l}.gate_up"])
                 self.sel.down[l].copy_(params[f"{l}.down"])
-        opt_t = load_file(path / "optimizer.safetensors")
+        opt_t = load_file(path / meta["files"]["optimizer"])
         state: dict[int, dict] = {}
         for key, v in opt_t.items():
             i, name = key.split(".", 1)
@@ -182,3 +180,4 @@ class Trainer:
         self.opt.load_state_dict(sd)
         self.step, self.losses = int(meta["step"]), list(meta["losses"])
         return meta
+

@@ -40,3 +40,20 @@ def test_different_seed_different_batches():
     ta.train()
     tb.train()
     assert ta.losses != tb.losses
+
+
+def test_an_interrupted_save_leaves_the_previous_state_usable(tmp_path):
+    cfg = TrainConfig(steps=4, lr=5e-3, batch_size=4, seed=7)
+    _, first = fresh(cfg)
+    first.train(until=2)
+    first.save_state(tmp_path / "state")
+    # what a kill during the next save leaves: new tensor files and a half-written commit record
+    (tmp_path / "state" / "trainable-3.safetensors").write_bytes(b"partial")
+    (tmp_path / "state" / "state.json.tmp").write_text("{")
+    _, second = fresh(cfg)
+    second.load_state(tmp_path / "state")
+    assert second.step == 2
+    second.train(until=3)
+    second.save_state(tmp_path / "state")  # and saving again over the debris works
+    assert sorted(f.name for f in (tmp_path / "state").iterdir()) == [
+        "optimizer-3.safetensors", "state.json", "trainable-3.safetensors"]
