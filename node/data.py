@@ -70,7 +70,7 @@ def _arrow_dir(path: Path) -> Iterator[dict]:
                 reader = pa.ipc.open_stream(source)
             except pa.ArrowInvalid:
                 reader = pa.ipc.open_file(source)
-            for batch in reader if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches)):
+            for batch in reader.read_all().to_batches():  # memory-mapped: batches are read lazily
                 yield from batch.to_pylist()
 
 
