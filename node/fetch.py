@@ -6,9 +6,10 @@ file is refused unless its bytes hash to that. File names come from the network 
 relative names of known, non-executable kinds are accepted (weights in safetensors only: a pickle
 or .bin file in a manifest is refused, never loaded).
 
-Cache: one directory per (version, manifest sha256). Files land in a hidden partial directory and
-survive an interrupted fetch (a restart downloads only what is missing or wrong); the directory is
-renamed into place when every file verifies.
+Cache: one directory per (version, manifest sha256), safe for any number of processes at once
+(CheckpointCache says how). Files land in a hidden partial directory and survive an interrupted
+fetch (a restart downloads only what is missing or wrong); the directory is renamed into place when
+every file verifies.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.files import file_sha256
+from node.locks import FileLock
 from protocol.types import CheckpointRef
 
 MANIFEST = "manifest.json"
@@ -71,33 +73,85 @@ Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes total)
 
 
 class CheckpointCache:
-    """Verified local copies of published versions under `root` (the last `keep` are kept)."""
+    """Verified local copies of published versions under `root` (the last `keep` are kept).
+
+    Any number of processes may share one cache. Each version has a lock file in `.locks/`: a process
+    holds it shared while it uses the version (from `ensure` until it ensures another version or calls
+    `release`) and exclusive while it downloads or repairs it, so each file is fetched once and nothing
+    another process writes or reads is touched. Downloads go to `.partial-<name>` (private to the
+    exclusive holder; a killed one leaves files the next holder resumes from) and become visible by
+    one rename. The cache-wide `.lock` is held shared while a version lock is taken and exclusive
+    (never waited for) while pruning, which skips every version some process holds.
+    """
 
     def __init__(self, root: Path, max_bytes: int = 64 << 30, keep: int = 2):
         self.root, self.max_bytes, self.keep = Path(root), max_bytes, keep
+        self._held: FileLock | None = None  # the version this object last returned
 
     def _name(self, version: int, sha256: bytes) -> str:
         return f"v{version}-{sha256.hex()[:16]}"
 
+    def _lock(self, name: str) -> FileLock:
+        return FileLock(self.root / ".locks" / f"{name}.lock")
+
     def ensure(self, client, version: int, manifest_sha256: bytes, wanted: Callable[[str], bool] = lambda n: True,
                progress: Progress | None = None, stop: Callable[[], bool] = lambda: False) -> Path:
-        """The directory of `version` with every wanted file verified; downloads what is missing."""
+        """The directory of `version` with every wanted file verified; downloads what is missing.
+
+        The version stays held by this object (never pruned by any process) until the next `ensure`
+        of another version or `release`.
+        """
         final = self.root / self._name(version, manifest_sha256)
+        held = self._held
+        lock = held if held is not None and held.path == self._lock(final.name).path else self._lock(final.name)
+        try:
+            with FileLock(self.root / ".lock") as cache_lock:  # keeps pruning out while the version lock is taken
+                cache_lock.acquire(exclusive=False, stop=stop)
+                lock.acquire(exclusive=False, stop=stop)
+                if not self._complete(final, version, manifest_sha256, wanted):
+                    lock.acquire(exclusive=True, stop=stop)  # waits while another process fills it
+            if not self._complete(final, version, manifest_sha256, wanted):
+                self._fill(client, final, version, manifest_sha256, wanted, progress, stop)
+            lock.acquire(exclusive=False)  # a downgrade in place: nobody can take the version in between
+        except BaseException:
+            lock.release()
+            if lock is held:
+                self._held = None
+            raise
+        if held is not None and held is not lock:
+            held.release()
+        self._held = lock
+        self._prune(final)
+        return final
+
+    def release(self) -> None:
+        """Stop holding the version last returned (it may then be pruned)."""
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+    def _complete(self, final: Path, version: int, sha256: bytes, wanted: Callable[[str], bool]) -> bool:
+        """Whether `final` holds the expected manifest and every wanted file intact (reads only)."""
+        if not final.is_dir():
+            return False
+        manifest = self._manifest(final, version, sha256, repair=False)
+        return manifest is not None and not self._bad_files(final, manifest, wanted, repair=False)
+
+    def _fill(self, client, final: Path, version: int, manifest_sha256: bytes, wanted: Callable[[str], bool],
+              progress: Progress | None, stop: Callable[[], bool]) -> None:
+        """Download what `final` lacks; only under the version's exclusive lock."""
         part = self.root / f".partial-{final.name}"
         if final.is_dir():
-            manifest = self._manifest(final, version, manifest_sha256)
-            if manifest is not None and not self._bad_files(final, manifest, wanted):
-                return final
             shutil.rmtree(part, ignore_errors=True)
-            final.rename(part)  # damaged locally: repair it like an interrupted download
+            final.rename(part)  # damaged locally, or lacks wanted files: repair it like an interrupted download
         part.mkdir(parents=True, exist_ok=True)
         for stray in part.rglob("upload-*.part"):  # a download killed mid-file leaves its spool file
             stray.unlink()
-        manifest = self._manifest(part, version, manifest_sha256)
+        manifest = self._manifest(part, version, manifest_sha256, repair=True)
         if manifest is None:
             client.fetch_manifest(part / MANIFEST, version=version, expected_sha256=manifest_sha256)
-            manifest = self._manifest(part, version, manifest_sha256)
-        todo = self._bad_files(part, manifest, wanted)
+            manifest = self._manifest(part, version, manifest_sha256, repair=True)
+        todo = self._bad_files(part, manifest, wanted, repair=True)
         total = sum(manifest.files[n][1] for n in todo)
         if total > self.max_bytes:
             raise CheckpointError(f"version {version} needs {total} bytes, over this node's limit of {self.max_bytes}")
@@ -113,22 +167,22 @@ class CheckpointCache:
         if progress and todo:
             progress(f"download v{version}", total, total)
         part.rename(final)
-        self._prune(final)
-        return final
 
-    def _manifest(self, directory: Path, version: int, sha256: bytes) -> Manifest | None:
-        """The manifest stored in `directory` if it is the expected one, else None (and it is removed)."""
+    def _manifest(self, directory: Path, version: int, sha256: bytes, repair: bool) -> Manifest | None:
+        """The manifest stored in `directory` if it is the expected one, else None (removed if `repair`)."""
         path = directory / MANIFEST
         if not path.is_file():
             return None
         data = path.read_bytes()
         if hashlib.sha256(data).digest() != sha256:
-            path.unlink()
+            if repair:
+                path.unlink()
             return None
         return parse_manifest(data, sha256, version)
 
-    def _bad_files(self, directory: Path, manifest: Manifest, wanted: Callable[[str], bool]) -> list[str]:
-        """Wanted files that are missing or do not match the manifest (those are removed)."""
+    def _bad_files(self, directory: Path, manifest: Manifest, wanted: Callable[[str], bool],
+                   repair: bool) -> list[str]:
+        """Wanted files that are missing or do not match the manifest (removed if `repair`)."""
         bad = []
         for name, (sha, size) in sorted(manifest.files.items()):
             if not wanted(name):
@@ -136,18 +190,28 @@ class CheckpointCache:
             path = directory / name
             if path.is_file() and path.stat().st_size == size and file_sha256(path) == sha:
                 continue
-            path.unlink(missing_ok=True)
+            if repair:
+                path.unlink(missing_ok=True)
             bad.append(name)
         return bad
 
     def _prune(self, current: Path) -> None:
-        """Keep the newest `keep` versions; drop partial downloads of other versions."""
-        for d in self.root.glob(".partial-*"):
-            shutil.rmtree(d, ignore_errors=True)
-        dirs = sorted((d for d in self.root.glob("v*-*") if d.is_dir() and d != current),
-                      key=lambda d: d.stat().st_mtime)
-        for d in dirs[: max(0, len(dirs) - (self.keep - 1))]:
-            shutil.rmtree(d, ignore_errors=True)
+        """Keep the newest `keep` versions; drop partial downloads nobody is running. Versions that
+        a process holds are skipped, and so is the whole pass while any process is taking a lock."""
+        with FileLock(self.root / ".lock") as cache_lock:
+            if not cache_lock.acquire(exclusive=True, wait=False):
+                return
+            partial = {d.name.removeprefix(".partial-") for d in self.root.glob(".partial-*") if d.is_dir()}
+            done = sorted((d for d in self.root.glob("v*-*") if d.is_dir() and d != current),
+                          key=lambda d: d.stat().st_mtime)
+            drop = {d.name for d in done[: max(0, len(done) - (self.keep - 1))]} | (partial - {current.name})
+            for name in sorted(drop):
+                with self._lock(name) as lock:
+                    if not lock.acquire(exclusive=True, wait=False):
+                        continue  # held: in use or being downloaded
+                    shutil.rmtree(self.root / f".partial-{name}", ignore_errors=True)
+                    shutil.rmtree(self.root / name, ignore_errors=True)
+                    lock.path.unlink(missing_ok=True)  # safe: no process can open it while we hold .lock
 
 
 def tokenizer_files(name: str) -> bool:
