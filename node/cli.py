@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -91,9 +92,11 @@ def train(
 ) -> None:
     """Train only the selected experts; write their delta and a summary with held-out loss."""
     from node.jobs import run_train
+    from node.locks import hold_state_dir
 
-    s = run_train(data, experts, steps, out, model, text_field, template, lr, batch_size, seed,
-                  checkpoint_every=checkpoint_every)
+    with hold_state_dir(out, "expertmesh train"):  # OUT/state holds the resumable inner state
+        s = run_train(data, experts, steps, out, model, text_field, template, lr, batch_size, seed,
+                      checkpoint_every=checkpoint_every)
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     print(f"trained {s['selected_experts']} experts ({s['trainable_parameters']:,} parameters) for {steps} steps; "
           f"held-out loss {fmt(s['heldout_loss_before'])} -> {fmt(s['heldout_loss_after'])}; wrote {out}/delta.safetensors")
@@ -112,8 +115,11 @@ def keygen(
     """Create an Ed25519 identity and print its key id (the hex public key)."""
     from protocol import identity
 
+    from node.locks import refuse_if_held
+
     key = identity.generate_key()
-    identity.save_key(key, out, overwrite=force)
+    with refuse_if_held(out.parent, "expertmesh keygen") or nullcontext():  # a running node's key stays its own
+        identity.save_key(key, out, overwrite=force)
     print(identity.key_id(identity.public_bytes(key)))
 
 

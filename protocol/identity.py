@@ -50,18 +50,24 @@ def save_key(key: Ed25519PrivateKey, path: Path, *, overwrite: bool = False) -> 
     """Write the key with mode 0600 from the first byte on (never briefly world-readable)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
+    exists = f"{path} already exists; pass --force to replace it (the old identity is lost)"
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --force to replace it (the old identity is lost)")
+        raise FileExistsError(exists)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         os.chmod(tmp, 0o600)  # the umask may have narrowed it further; never wider
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:  # link, unlike replace, refuses an existing name: two runs at once cannot both write it
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(exists) from None
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_key(path: Path) -> Ed25519PrivateKey:

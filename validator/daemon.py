@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node.locks import hold_state_dir
 from protocol import identity
 from protocol.admission import AdmissionConfig
 from protocol.server import ServerConfig, ValidatorServer
@@ -159,7 +160,8 @@ def run_daemon(cfg: ValidatorConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())  # nothing else here: logging could deadlock in a handler
     t0 = time.monotonic()
-    node = build_node(cfg)
-    log.info("ready", extra={"seconds": round(time.monotonic() - t0, 2)})
-    serve(node, stop)
+    with hold_state_dir(cfg.state_dir, "expertmesh validator run"):  # before anything in it is read or written
+        node = build_node(cfg)
+        log.info("ready", extra={"seconds": round(time.monotonic() - t0, 2)})
+        serve(node, stop)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from node.demo.network import (DemoSettings, miner_domains, register_domains, start_bootstrap, start_miner,
                                start_validator)
 from node.demo.procs import DemoError, Supervisor
+from node.locks import hold_state_dir
 from node.demo.report import RoundReport, summary, table
 
 
@@ -50,6 +51,11 @@ def _interrupt(*_) -> None:
 
 def run_demo(opts: DemoOptions) -> int:
     run_dir = (opts.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    with hold_state_dir(run_dir, "expertmesh demo"):  # a second demo on this run directory stops here
+        return _run_demo(opts, run_dir)
+
+
+def _run_demo(opts: DemoOptions, run_dir: Path) -> int:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     import torch
 

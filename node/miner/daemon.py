@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from node.fetch import CheckpointCache, CheckpointError
+from node.locks import hold_state_dir
 from node.miner.config import MinerConfig
 from node.miner.data import DataSource, check_local
 from node.miner.inner import Stopped, run_inner
@@ -184,15 +185,16 @@ def run_miner(cfg: MinerConfig) -> int:
         torch.set_num_threads(cfg.train.threads)
     progress = Progress("miner", cfg.loop.progress_every_s)
     metrics = MinerMetrics()
-    miner = Miner(cfg, stop, progress, metrics)
-    try:
-        miner.locator.join()  # before any thread starts (see Locator.join); a failure is retried in the loop
-    except CannotTakePart as exc:
-        progress.line(f"not taking part yet: {exc}")
-    if cfg.metrics.port:
-        port = metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        progress.line(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
-    try:
-        return miner.run()
-    finally:
-        metrics.stop()
+    with hold_state_dir(cfg.state_dir, "expertmesh miner run"):  # before anything in it is read or written
+        miner = Miner(cfg, stop, progress, metrics)
+        try:
+            miner.locator.join()  # before any thread starts (see Locator.join); a failure is retried in the loop
+        except CannotTakePart as exc:
+            progress.line(f"not taking part yet: {exc}")
+        if cfg.metrics.port:
+            port = metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            progress.line(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
+        try:
+            return miner.run()
+        finally:
+            metrics.stop()
