@@ -12,8 +12,11 @@ mapping over UPnP, traffic that must never leave this machine unasked.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -104,13 +107,39 @@ class AnnouncementValidator(RecordValidatorBase):
         return record.expiration_time <= parsed.expires_ms / 1000 + 1.0  # no longer life than signed
 
 
+_dht_parent: int | None = None  # set while hivemind forks its DHT process (see _die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In hivemind's forked DHT process: be killed when the node that forked it dies, however it dies.
+
+    Without this a validator or miner killed with kill -9 leaves its DHT process (and that one's
+    p2pd) running for good; the DHT process keeps nothing on disk, so SIGKILL loses nothing.
+    """
+    global _dht_parent
+    parent, _dht_parent = _dht_parent, None  # once: not again in this process's own children
+    if parent is None or sys.platform != "linux":
+        return
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+os.register_at_fork(after_in_child=_die_with_parent)
+
+
 def start_dht(config: DiscoveryConfig = DiscoveryConfig(), identity_key: Ed25519PrivateKey | None = None) -> hivemind.DHT:
-    """A DHT peer with our announcement validator; `identity_key` fixes its libp2p peer id."""
+    """A DHT peer with our announcement validator; `identity_key` fixes its libp2p peer id.
+
+    Call it from a thread that lives as long as the peer: the DHT process dies with that thread.
+    """
+    global _dht_parent
     kwargs = dict(initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs),
                   nat_port_map=False, record_validators=[AnnouncementValidator(config.max_record_ttl_s)],
                   startup_timeout=config.start_timeout_s, start=True)
     if config.announce_maddrs:
         kwargs["announce_maddrs"] = list(config.announce_maddrs)
+    _dht_parent = os.getpid()
     try:
         if identity_key is None:
             return hivemind.DHT(**kwargs)
@@ -123,6 +152,8 @@ def start_dht(config: DiscoveryConfig = DiscoveryConfig(), identity_key: Ed25519
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DiscoveryError(f"cannot start the DHT peer ({detail}); check initial_peers and the listen "
                              "multiaddrs (`expertmesh bootstrap` prints a bootstrap peer's)") from None
+    finally:
+        _dht_parent = None
 
 
 class DiscoveryError(ProtocolError):
