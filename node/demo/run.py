@@ -99,6 +99,7 @@ class Network:
         validator, address, state = start_validator(self.sup, self.run_dir, peers, self.opts.miners,
                                                     self.opts.rounds + 2, self.settings)
         say(f"demo: validator at {address}")
+        start = self._client(address).get_round()  # the versions after this one are the demo's rounds
         register_domains(self.sup, self.run_dir, address, list(sources.values()))
         say(f"demo: registered {', '.join(sources)} through `expertmesh dataset submit`")
         self.miners = []
@@ -113,17 +114,20 @@ class Network:
         self.doc |= {"base_model": str(DEFAULT_MODEL), "base_domain_loss": base,
                      "miners": {name: {"domain": d, "key": k} for name, d, k, _ in self.miners}}
         say("demo: base held-out loss " + ", ".join(f"{d} {v:.4f}" for d, v in base.items()))
-        self._follow(address, state, base)
+        self._follow(address, state, base, start)
         self.doc["seconds"] = round(time.monotonic() - t0, 1)
         self._write_json()
         say(summary(self.doc))
 
-    def _follow(self, address: str, state: Path, base: dict[str, float]) -> None:
+    @staticmethod
+    def _client(address: str):
         from protocol.client import ClientConfig, ValidatorClient
 
-        with ValidatorClient(address, ClientConfig(call_timeout_s=30)) as client:
-            first = client.get_round()
-            version, seen_round, started, empty = first.model_version, first.round, time.monotonic(), 0
+        return ValidatorClient(address, ClientConfig(call_timeout_s=30))
+
+    def _follow(self, address: str, state: Path, base: dict[str, float], start) -> None:
+        with self._client(address) as client:
+            version, seen_round, started, empty = start.model_version, start.round, time.monotonic(), 0
             while len(self.doc["rounds"]) < self.opts.rounds:
                 self.sup.check()
                 if time.monotonic() > self.deadline:
@@ -131,15 +135,19 @@ class Network:
                                     f"{len(self.doc['rounds'])} published round(s)")
                 rnd = client.get_round()
                 if rnd.model_version > version:
-                    version = rnd.model_version
-                    ckpt = self._checkpoint(client, state, version, rnd.model_sha256)
+                    # Every version in turn: a busy machine can publish one while the demo is still
+                    # measuring the base or the previous version.
+                    version += 1
+                    sha = rnd.model_sha256 if version == rnd.model_version else self._manifest_sha(client, version)
+                    ckpt = self._checkpoint(client, state, version, sha)
                     report = RoundReport.build(ckpt, rnd, self.miners, self.heldout.losses(ckpt),
                                                time.monotonic() - started)
                     say(table(report, base))
                     self.doc["rounds"].append(report.to_json())
                     self._write_json()
-                    started = time.monotonic()
-                elif rnd.round > seen_round:
+                    started, seen_round = time.monotonic(), rnd.round
+                    continue
+                if rnd.round > seen_round:
                     empty += 1
                     say(f"demo: round {seen_round} ended with nothing accepted; the validator reopened on "
                         f"version {version} (see {self.run_dir / 'logs' / 'validator.log'})")
@@ -147,6 +155,14 @@ class Network:
                         raise DemoError("rounds keep ending with nothing accepted; see the validator's log")
                 seen_round = rnd.round
                 time.sleep(1.0)
+
+    def _manifest_sha(self, client, version: int) -> bytes:
+        """The sha256 the validator gives for an earlier version's manifest (GetRound names only the latest)."""
+        tmp = self.run_dir / "checkpoints" / f".manifest-v{version}.json"
+        try:
+            return client.fetch_manifest(tmp, version=version).sha256
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _checkpoint(self, client, state: Path, version: int, manifest_sha256: bytes) -> Path:
         """The validator's published directory of `version`; a verified download if it is not readable here."""
