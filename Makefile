@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo bench lint clean protos
+.PHONY: venv test test-under-load demo bench lint clean protos
 
 # torch goes first and alone: any looser torch spec (hivemind asks for one) would
 # otherwise resolve to a multi-GB CUDA build.
@@ -20,6 +20,10 @@ venv: $(STAMP)
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The suite on a busy machine (cores + 1 spinning processes beside it): what CI's neighbours can do.
+test-under-load: venv
+	bash scripts/test_under_load.sh
 
 demo: venv
 	$(BIN)/expertmesh demo
