@@ -99,7 +99,8 @@ class Network:
         validator, address, state = start_validator(self.sup, self.run_dir, peers, self.opts.miners,
                                                     self.opts.rounds + 2, self.settings)
         say(f"demo: validator at {address}")
-        start = self._client(address).get_round()  # the versions after this one are the demo's rounds
+        with self._client(address) as client:
+            start = client.get_round()  # the versions after this one are the demo's rounds
         register_domains(self.sup, self.run_dir, address, list(sources.values()))
         say(f"demo: registered {', '.join(sources)} through `expertmesh dataset submit`")
         self.miners = []
