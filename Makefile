@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,8 +34,9 @@ bench: venv
 	$(BIN)/python scripts/bench_protocol.py
 
 # Regenerate the committed gRPC stubs after editing protocol/expertmesh.proto (a test checks for drift).
+# protoc names imports after the proto's path, so it is compiled as expertmesh/protocol/expertmesh.proto.
 protos: venv
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protocol/expertmesh.proto
+	$(BIN)/python scripts/gen_protos.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

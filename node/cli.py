@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from node.defaults import DEFAULT_LR, DEFAULT_P
+from expertmesh.node.defaults import DEFAULT_LR, DEFAULT_P
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,7 +53,7 @@ def profile(
     plot: Optional[Path] = typer.Option(None, "--plot", help="also write a layers × experts heatmap PNG"),
 ) -> None:
     """Profile routing: per layer and expert, tokens routed and gate mass."""
-    from node.jobs import run_profile
+    from expertmesh.node.jobs import run_profile
 
     doc = run_profile(data, out, model, text_field, template, tokens, plot=plot)
     print(f"profiled {doc['tokens']:,} tokens over {len(doc['layers'])} MoE layers (top-{doc['top_k']}) -> {out}")
@@ -69,7 +69,7 @@ def select(
     max_per_layer: Optional[int] = typer.Option(None, "--max-per-layer"),
 ) -> None:
     """Select each layer's most-activated experts (ESFT rule)."""
-    from node.jobs import run_select
+    from expertmesh.node.jobs import run_select
 
     doc = run_select(profile, out, score, p, min_per_layer, max_per_layer)
     per_layer = {l: len(ids) for l, ids in doc["experts"].items()}
@@ -91,8 +91,8 @@ def train(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save resumable inner state to OUT/state every N steps"),
 ) -> None:
     """Train only the selected experts; write their delta and a summary with held-out loss."""
-    from node.jobs import run_train
-    from node.locks import hold_state_dir
+    from expertmesh.node.jobs import run_train
+    from expertmesh.node.locks import hold_state_dir
 
     with hold_state_dir(out, "expertmesh train"):  # OUT/state holds the resumable inner state
         s = run_train(data, experts, steps, out, model, text_field, template, lr, batch_size, seed,
@@ -113,9 +113,9 @@ def keygen(
     force: bool = typer.Option(False, "--force", help="replace an existing key file"),
 ) -> None:
     """Create an Ed25519 identity and print its key id (the hex public key)."""
-    from protocol import identity
+    from expertmesh.protocol import identity
 
-    from node.locks import refuse_if_held
+    from expertmesh.node.locks import refuse_if_held
 
     key = identity.generate_key()
     with refuse_if_held(out.parent, "expertmesh keygen") or nullcontext():  # a running node's key stays its own
@@ -129,7 +129,7 @@ def delta_inspect(
     max_bytes: int = typer.Option(4 << 30, "--max-bytes", help="refuse larger files"),
 ) -> None:
     """Print a delta's experts, size, codec and compression ratio versus fp16 and fp32."""
-    from protocol.codec import read_delta_header
+    from expertmesh.protocol.codec import read_delta_header
 
     if file.stat().st_size > max_bytes:
         raise UsageError(f"{file} is {file.stat().st_size} bytes, over --max-bytes {max_bytes}")
@@ -164,8 +164,8 @@ def bootstrap(
     import signal
     import threading
 
-    from protocol import identity
-    from protocol.discovery import DiscoveryConfig, start_dht, visible_maddrs
+    from expertmesh.protocol import identity
+    from expertmesh.protocol.discovery import DiscoveryConfig, start_dht, visible_maddrs
 
     key = identity.load_key(identity_file) if identity_file is not None else None
     config = DiscoveryConfig(host_maddrs=tuple(listen), announce_maddrs=tuple(announce),
@@ -198,8 +198,8 @@ def validator_run(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve metrics on this port"),
 ) -> None:
     """Take submissions, score them on held-out data, merge and publish versions; stop with SIGTERM."""
-    from validator.config import load_config
-    from validator.daemon import run_daemon
+    from expertmesh.validator.config import load_config
+    from expertmesh.validator.daemon import run_daemon
 
     overrides = {"server.host": host, "server.port": port, "metrics.port": metrics_port,
                  "state_dir": state_dir.resolve() if state_dir else None, "model": model.resolve() if model else None,
@@ -215,7 +215,7 @@ def status(
     """Show a validator's round, model version and miner leaderboard."""
     from rich.console import Console
 
-    from validator.statusview import fetch_status, render
+    from expertmesh.validator.statusview import fetch_status, render
 
     render(fetch_status(validator, timeout), Console())
 
@@ -245,13 +245,13 @@ def miner_run(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="override metrics.port (0: off)"),
 ) -> None:
     """Train a domain's experts each round and submit the signed delta; stop with SIGTERM."""
-    from node.miner.config import load_config
+    from expertmesh.node.miner.config import load_config
 
     overrides = {"validator.address": validator, "validator.initial_peers": initial_peer or None, "domain": domain,
                  "data.path": _abs(data), "state_dir": _abs(state_dir), "key": _abs(key), "train.steps": steps,
                  "loop.max_rounds": max_rounds, "metrics.port": metrics_port}
     cfg = load_config(config, overrides)  # before the heavy imports: a bad config fails at once
-    from node.miner.daemon import run_miner
+    from expertmesh.node.miner.daemon import run_miner
 
     raise typer.Exit(run_miner(cfg))
 
@@ -271,8 +271,8 @@ def dataset_submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="check and show the dataset, send nothing"),
 ) -> None:
     """Check a dataset, show a preview and its token count, and register it with a validator."""
-    from node.submission.commands import submit
-    from node.submission.prepare import SubmitLimits
+    from expertmesh.node.submission.commands import submit
+    from expertmesh.node.submission.prepare import SubmitLimits
 
     limits = SubmitLimits(max_bytes=max_bytes, max_record_bytes=max_record_bytes, min_tokens=min_tokens)
     submit(file, domain, validator, key, text_field, template, limits, cache_dir, dry_run)
@@ -286,7 +286,7 @@ def dataset_list(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="cache (default ~/.cache/expertmesh)"),
 ) -> None:
     """List a validator's registered datasets (train part: records and tokens)."""
-    from node.submission.commands import list_datasets
+    from expertmesh.node.submission.commands import list_datasets
 
     list_datasets(validator, domain, counts, cache_dir)
 
@@ -302,7 +302,7 @@ def demo(
     timeout: float = typer.Option(3600.0, "--timeout", help="give up (and stop everything) after this many seconds"),
 ) -> None:
     """Run a whole network on this machine: DHT bootstrap, validator, miners on three domains."""
-    from node.demo.run import DemoOptions, run_demo
+    from expertmesh.node.demo.run import DemoOptions, run_demo
 
     raise typer.Exit(run_demo(DemoOptions(rounds=rounds, miners=miners, json_path=_abs(json_path),
                                           run_dir=_abs(run_dir), steps=steps, eval_tokens=eval_tokens,

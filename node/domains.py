@@ -9,8 +9,8 @@ import json
 import sysconfig
 from pathlib import Path
 
-from node.data import iter_texts
-from node.paths import shared_data_dir
+from expertmesh.node.data import iter_texts
+from expertmesh.node.paths import shared_data_dir
 
 DOMAINS = ("math", "literature", "code")
 MATH_TEMPLATE = "{question}\n{answer}"

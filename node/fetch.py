@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.files import file_sha256
-from node.locks import FileLock
-from protocol.types import CheckpointRef
+from expertmesh.node.files import file_sha256
+from expertmesh.node.locks import FileLock
+from expertmesh.protocol.types import CheckpointRef
 
 MANIFEST = "manifest.json"
 # What a checkpoint may hold: weights (safetensors), configs, tokenizer files. Nothing executable.

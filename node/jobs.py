@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from node.data import iter_texts, pack, split, tokenize
-from node.evaluate import mean_loss
-from node.files import file_sha256
-from node.moe import MoEModel, load_model, read_config
-from node.paths import DEFAULT_MODEL
-from node.profile import RoutingProfile, batches
-from node.defaults import DEFAULT_LR, DEFAULT_P
-from node.select import from_esft_json, select_experts, to_esft_json
-from node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.node.data import iter_texts, pack, split, tokenize
+from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.files import file_sha256
+from expertmesh.node.moe import MoEModel, load_model, read_config
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.node.profile import RoutingProfile, batches
+from expertmesh.node.defaults import DEFAULT_LR, DEFAULT_P
+from expertmesh.node.select import from_esft_json, select_experts, to_esft_json
+from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 
 SEQ_LEN = 256
 
@@ -66,7 +66,7 @@ def run_profile(data: Path, out: Path, model_dir: Path | None = None, text_field
     doc = prof.to_json() | {"data": str(data)}
     _write_json(out, doc)
     if plot is not None:
-        from node.plots import routing_heatmap
+        from expertmesh.node.plots import routing_heatmap
 
         routing_heatmap(doc, plot)
     return doc

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protocol.names import PROJS, expert_key, parse_expert_key
+from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
 
 # model_type -> (on-disk per-expert prefix inside a decoder layer, on-disk names of gate/up/down)
 ARCHITECTURES: dict[str, tuple[str, tuple[str, str, str]]] = {

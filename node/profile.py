@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from node.moe import MoEModel
+from expertmesh.node.moe import MoEModel
 
 
 class RoutingProfile:

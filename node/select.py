@@ -6,7 +6,7 @@ expert that crosses p is included. Then min/max per layer apply.
 """
 from __future__ import annotations
 
-from node.defaults import DEFAULT_P
+from expertmesh.node.defaults import DEFAULT_P
 
 
 class SelectionError(ValueError):

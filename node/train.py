@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kernels import expert_ffn
-from node.defaults import DEFAULT_LR
-from node.files import fsync_path
-from node.moe import MoEModel
-from protocol.names import expert_key
+from expertmesh.kernels import expert_ffn
+from expertmesh.node.defaults import DEFAULT_LR
+from expertmesh.node.files import fsync_path
+from expertmesh.node.moe import MoEModel
+from expertmesh.protocol.names import expert_key
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol import envelope as envelope_mod
-from protocol.errors import BannedKey, Oversize, Overloaded, ReplayedNonce, StaleTimestamp, UnknownKey
-from protocol.identity import key_id, parse_key_id
-from protocol.types import SignedEnvelope, Submission
+from expertmesh.protocol import envelope as envelope_mod
+from expertmesh.protocol.errors import BannedKey, Oversize, Overloaded, ReplayedNonce, StaleTimestamp, UnknownKey
+from expertmesh.protocol.identity import key_id, parse_key_id
+from expertmesh.protocol.types import SignedEnvelope, Submission
 
 
 @dataclass(frozen=True)

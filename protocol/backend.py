@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from protocol.types import (Blob, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
+from expertmesh.protocol.types import (Blob, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
                             Submission)
 
 

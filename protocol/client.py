@@ -14,11 +14,11 @@ from typing import Callable, Iterator, TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import envelope as envelope_mod
-from protocol import expertmesh_pb2_grpc as pbg
-from protocol import serde, streams
-from protocol.errors import RemoteError
-from protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
+from expertmesh.protocol import envelope as envelope_mod
+from expertmesh.protocol import expertmesh_pb2_grpc as pbg
+from expertmesh.protocol import serde, streams
+from expertmesh.protocol.errors import RemoteError
+from expertmesh.protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
                             SignedEnvelope)
 
 T = TypeVar("T")

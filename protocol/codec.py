@@ -19,11 +19,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from kernels import reference as K
-from protocol.delta_format import (CODECS, MAX_BLOCK, METADATA_KEY, MIN_BLOCK, PARTS, DeltaHeader, DeltaSpec,
+from expertmesh.kernels import reference as K
+from expertmesh.protocol.delta_format import (CODECS, MAX_BLOCK, METADATA_KEY, MIN_BLOCK, PARTS, DeltaHeader, DeltaSpec,
                                    Expected, fail, expected_shape, read_container)
-from protocol.errors import DeltaFormatError
-from protocol.names import parse_expert_key
+from expertmesh.protocol.errors import DeltaFormatError
+from expertmesh.protocol.names import parse_expert_key
 
 DEFAULT_MAX_BYTES = 4 << 30
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "I16": torch.int16}

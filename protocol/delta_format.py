@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from protocol.errors import DeltaFormatError
-from protocol.names import PROJS, parse_expert_key
+from expertmesh.protocol.errors import DeltaFormatError
+from expertmesh.protocol.names import PROJS, parse_expert_key
 
 FORMAT = "expertmesh-delta/1"
 METADATA_KEY = "expertmesh"

@@ -31,9 +31,9 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer
 
-from protocol import identity, serde
-from protocol.errors import ProtocolError, StaleTimestamp
-from protocol.types import SignedAnnouncement, ValidatorRecord
+from expertmesh.protocol import identity, serde
+from expertmesh.protocol.errors import ProtocolError, StaleTimestamp
+from expertmesh.protocol.types import SignedAnnouncement, ValidatorRecord
 
 log = logging.getLogger(__name__)
 VALIDATORS_KEY = "expertmesh/v1/validators"

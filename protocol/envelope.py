@@ -17,9 +17,9 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import identity
-from protocol.errors import MalformedEnvelope, ProtocolError
-from protocol.types import NONCE_BYTES, Envelope, SignedEnvelope
+from expertmesh.protocol import identity
+from expertmesh.protocol.errors import MalformedEnvelope, ProtocolError
+from expertmesh.protocol.types import NONCE_BYTES, Envelope, SignedEnvelope
 
 FORMAT = 1
 PREFIXES = {"delta": b"expertmesh/v1/delta|", "dataset": b"expertmesh/v1/dataset|"}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocol import expertmesh_pb2 as protocol_dot_expertmesh__pb2
+from expertmesh.protocol import expertmesh_pb2 as expertmesh_dot_protocol_dot_expertmesh__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocol/expertmesh_pb2_grpc.py depends on'
+        + ' but the generated code in expertmesh/protocol/expertmesh_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class ValidatorStub:
         """
         self.SubmitDelta = channel.stream_unary(
                 '/expertmesh.v1.Validator/SubmitDelta',
-                request_serializer=protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.Receipt.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.Receipt.FromString,
                 _registered_method=True)
         self.GetManifest = channel.unary_stream(
                 '/expertmesh.v1.Validator/GetManifest',
-                request_serializer=protocol_dot_expertmesh__pb2.ManifestRequest.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.BlobChunk.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.FromString,
                 _registered_method=True)
         self.GetCheckpoint = channel.unary_stream(
                 '/expertmesh.v1.Validator/GetCheckpoint',
-                request_serializer=protocol_dot_expertmesh__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.BlobChunk.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.FromString,
                 _registered_method=True)
         self.RegisterDataset = channel.stream_unary(
                 '/expertmesh.v1.Validator/RegisterDataset',
-                request_serializer=protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.DatasetReceipt.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetReceipt.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/expertmesh.v1.Validator/ListDatasets',
-                request_serializer=protocol_dot_expertmesh__pb2.DatasetQuery.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.DatasetList.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetQuery.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetList.FromString,
                 _registered_method=True)
         self.GetDataset = channel.unary_stream(
                 '/expertmesh.v1.Validator/GetDataset',
-                request_serializer=protocol_dot_expertmesh__pb2.DatasetRequest.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.BlobChunk.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.FromString,
                 _registered_method=True)
         self.GetRound = channel.unary_unary(
                 '/expertmesh.v1.Validator/GetRound',
-                request_serializer=protocol_dot_expertmesh__pb2.RoundQuery.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.RoundInfo.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.RoundQuery.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.RoundInfo.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/expertmesh.v1.Validator/Status',
-                request_serializer=protocol_dot_expertmesh__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protocol_dot_expertmesh__pb2.NodeStatus.FromString,
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.StatusRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.NodeStatus.FromString,
                 _registered_method=True)
 
 
@@ -133,43 +133,43 @@ def add_ValidatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitDelta': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitDelta,
-                    request_deserializer=protocol_dot_expertmesh__pb2.UploadChunk.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.Receipt.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.Receipt.SerializeToString,
             ),
             'GetManifest': grpc.unary_stream_rpc_method_handler(
                     servicer.GetManifest,
-                    request_deserializer=protocol_dot_expertmesh__pb2.ManifestRequest.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.BlobChunk.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.ManifestRequest.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.SerializeToString,
             ),
             'GetCheckpoint': grpc.unary_stream_rpc_method_handler(
                     servicer.GetCheckpoint,
-                    request_deserializer=protocol_dot_expertmesh__pb2.CheckpointRequest.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.BlobChunk.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.CheckpointRequest.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.SerializeToString,
             ),
             'RegisterDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.RegisterDataset,
-                    request_deserializer=protocol_dot_expertmesh__pb2.UploadChunk.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.DatasetReceipt.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetReceipt.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
-                    request_deserializer=protocol_dot_expertmesh__pb2.DatasetQuery.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.DatasetList.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetQuery.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetList.SerializeToString,
             ),
             'GetDataset': grpc.unary_stream_rpc_method_handler(
                     servicer.GetDataset,
-                    request_deserializer=protocol_dot_expertmesh__pb2.DatasetRequest.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.BlobChunk.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetRequest.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.SerializeToString,
             ),
             'GetRound': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRound,
-                    request_deserializer=protocol_dot_expertmesh__pb2.RoundQuery.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.RoundInfo.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.RoundQuery.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.RoundInfo.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protocol_dot_expertmesh__pb2.StatusRequest.FromString,
-                    response_serializer=protocol_dot_expertmesh__pb2.NodeStatus.SerializeToString,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.StatusRequest.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.NodeStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -197,8 +197,8 @@ class Validator:
             request_iterator,
             target,
             '/expertmesh.v1.Validator/SubmitDelta',
-            protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
-            protocol_dot_expertmesh__pb2.Receipt.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.Receipt.FromString,
             options,
             channel_credentials,
             insecure,
@@ -224,8 +224,8 @@ class Validator:
             request,
             target,
             '/expertmesh.v1.Validator/GetManifest',
-            protocol_dot_expertmesh__pb2.ManifestRequest.SerializeToString,
-            protocol_dot_expertmesh__pb2.BlobChunk.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.ManifestRequest.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -251,8 +251,8 @@ class Validator:
             request,
             target,
             '/expertmesh.v1.Validator/GetCheckpoint',
-            protocol_dot_expertmesh__pb2.CheckpointRequest.SerializeToString,
-            protocol_dot_expertmesh__pb2.BlobChunk.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.CheckpointRequest.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -278,8 +278,8 @@ class Validator:
             request_iterator,
             target,
             '/expertmesh.v1.Validator/RegisterDataset',
-            protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
-            protocol_dot_expertmesh__pb2.DatasetReceipt.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetReceipt.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,8 +305,8 @@ class Validator:
             request,
             target,
             '/expertmesh.v1.Validator/ListDatasets',
-            protocol_dot_expertmesh__pb2.DatasetQuery.SerializeToString,
-            protocol_dot_expertmesh__pb2.DatasetList.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetQuery.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetList.FromString,
             options,
             channel_credentials,
             insecure,
@@ -332,8 +332,8 @@ class Validator:
             request,
             target,
             '/expertmesh.v1.Validator/GetDataset',
-            protocol_dot_expertmesh__pb2.DatasetRequest.SerializeToString,
-            protocol_dot_expertmesh__pb2.BlobChunk.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.DatasetRequest.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -359,8 +359,8 @@ class Validator:
             request,
             target,
             '/expertmesh.v1.Validator/GetRound',
-            protocol_dot_expertmesh__pb2.RoundQuery.SerializeToString,
-            protocol_dot_expertmesh__pb2.RoundInfo.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.RoundQuery.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.RoundInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -386,8 +386,8 @@ class Validator:
             request,
             target,
             '/expertmesh.v1.Validator/Status',
-            protocol_dot_expertmesh__pb2.StatusRequest.SerializeToString,
-            protocol_dot_expertmesh__pb2.NodeStatus.FromString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.StatusRequest.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.NodeStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,8 +14,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.errors import BadSignature
-from protocol.types import KEY_BYTES, SIG_BYTES
+from expertmesh.protocol.errors import BadSignature
+from expertmesh.protocol.types import KEY_BYTES, SIG_BYTES
 
 MAX_KEYFILE_BYTES = 4096
 

@@ -5,9 +5,9 @@ checks what a peer could get wrong, so a bad message becomes ProtocolError here 
 """
 from __future__ import annotations
 
-from protocol import expertmesh_pb2 as pb
-from protocol.errors import ProtocolError
-from protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
+from expertmesh.protocol import expertmesh_pb2 as pb
+from expertmesh.protocol.errors import ProtocolError
+from expertmesh.protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
                             RoundInfo, RoundPhase, SignedAnnouncement, SignedEnvelope, ValidatorRecord)
 
 _PHASE_TO_PROTO = {RoundPhase.OPEN: pb.ROUND_PHASE_OPEN, RoundPhase.CLOSED: pb.ROUND_PHASE_CLOSED}

@@ -20,12 +20,12 @@ from typing import Callable, Iterator
 
 import grpc
 
-from protocol import expertmesh_pb2_grpc as pbg
-from protocol import serde, streams
-from protocol.admission import Admission, AdmissionConfig, KeyPolicy
-from protocol.backend import ValidatorBackend
-from protocol.errors import MalformedEnvelope, ProtocolError, SubmissionInFlight
-from protocol.types import Blob, Submission
+from expertmesh.protocol import expertmesh_pb2_grpc as pbg
+from expertmesh.protocol import serde, streams
+from expertmesh.protocol.admission import Admission, AdmissionConfig, KeyPolicy
+from expertmesh.protocol.backend import ValidatorBackend
+from expertmesh.protocol.errors import MalformedEnvelope, ProtocolError, SubmissionInFlight
+from expertmesh.protocol.types import Blob, Submission
 
 log = logging.getLogger(__name__)
 

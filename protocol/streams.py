@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from protocol.errors import Oversize, PayloadMismatch, ProtocolError
-from protocol.types import BlobHeader
+from expertmesh.protocol.errors import Oversize, PayloadMismatch, ProtocolError
+from expertmesh.protocol.types import BlobHeader
 
 CHUNK_BYTES = 1 << 20
 ENVELOPE_ALLOWANCE = 64 << 10  # room for an envelope and framing on top of a full chunk

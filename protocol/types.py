@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import ProtocolError
+from expertmesh.protocol.errors import ProtocolError
 
 KEY_BYTES = 32  # Ed25519 public key
 SIG_BYTES = 64  # Ed25519 signature

@@ -24,9 +24,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kernels  # noqa: E402
+from expertmesh import kernels  # noqa: E402
 
 MODELS = {"qwen3-30b-a3b": dict(H=2048, I=768, E=128), "olmoe": dict(H=2048, I=1024, E=64)}
 TOP_K = 8

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from node.domains import domain_texts
-from node.jobs import data_rows
-from node.moe import load_model
-from node.paths import DEFAULT_MODEL
-from node.profile import RoutingProfile, batches
+from expertmesh.node.domains import domain_texts
+from expertmesh.node.jobs import data_rows
+from expertmesh.node.moe import load_model
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.node.profile import RoutingProfile, batches
 
 
 def main() -> None:

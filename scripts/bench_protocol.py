@@ -20,19 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
-from protocol import identity  # noqa: E402
-from protocol.admission import AdmissionConfig  # noqa: E402
-from protocol.backend import ValidatorBackend  # noqa: E402
-from protocol.client import ClientConfig, ValidatorClient, sign_upload  # noqa: E402
-from protocol.codec import CodecConfig, DeltaMeta, decode_delta, encode_delta  # noqa: E402
-from protocol.names import parse_expert_key  # noqa: E402
-from protocol.server import ServerConfig, ValidatorServer  # noqa: E402
-from protocol.types import Receipt  # noqa: E402
+from expertmesh.protocol import identity  # noqa: E402
+from expertmesh.protocol.admission import AdmissionConfig  # noqa: E402
+from expertmesh.protocol.backend import ValidatorBackend  # noqa: E402
+from expertmesh.protocol.client import ClientConfig, ValidatorClient, sign_upload  # noqa: E402
+from expertmesh.protocol.codec import CodecConfig, DeltaMeta, decode_delta, encode_delta  # noqa: E402
+from expertmesh.protocol.names import parse_expert_key  # noqa: E402
+from expertmesh.protocol.server import ServerConfig, ValidatorServer  # noqa: E402
+from expertmesh.protocol.types import Receipt  # noqa: E402
 
 GOAL_MB_S = 200.0
 
@@ -91,9 +89,9 @@ def train_real_delta(steps: int = 40) -> Path:
     """A real ESFT delta of the shipped model: profile, select and train on 1,000 GSM8K records."""
     import tempfile
 
-    from node.domains import MATH_TEMPLATE
-    from node.jobs import run_profile, run_select, run_train
-    from node.paths import shared_data_dir
+    from expertmesh.node.domains import MATH_TEMPLATE
+    from expertmesh.node.jobs import run_profile, run_select, run_train
+    from expertmesh.node.paths import shared_data_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-delta-"))
     lines = (shared_data_dir() / "gsm8k_train.jsonl").read_text().splitlines()[:1000]

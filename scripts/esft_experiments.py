@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from node.data import split
-from node.domains import DOMAINS, domain_texts
-from node.evaluate import mean_loss
-from node.jobs import data_rows
-from node.moe import load_model
-from node.paths import DEFAULT_MODEL
-from node.profile import RoutingProfile, batches
-from node.select import jaccard, select_experts
-from node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.node.data import split
+from expertmesh.node.domains import DOMAINS, domain_texts
+from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.jobs import data_rows
+from expertmesh.node.moe import load_model
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.node.profile import RoutingProfile, batches
+from expertmesh.node.select import jaccard, select_experts
+from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 
 PROFILE_TOKENS = 102_400
 EVAL_TOKENS = 32_768

@@ -21,10 +21,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from node.data import pack, split, tokenize  # noqa: E402
-from node.domains import DOMAINS, domain_texts  # noqa: E402
-from node.evaluate import mean_loss  # noqa: E402
-from node.paths import DEFAULT_MODEL  # noqa: E402
+from expertmesh.node.data import pack, split, tokenize  # noqa: E402
+from expertmesh.node.domains import DOMAINS, domain_texts  # noqa: E402
+from expertmesh.node.evaluate import mean_loss  # noqa: E402
+from expertmesh.node.paths import DEFAULT_MODEL  # noqa: E402
 
 EOS = "<|endoftext|>"
 

@@ -12,15 +12,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    from node.paths import shared_data_dir
+    from expertmesh.node.paths import shared_data_dir
 
     return shared_data_dir()  # raises with a clear message when ../shared is missing
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (this checkout's code, whatever the venv points at)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True,
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "expertmesh", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol.discovery import DiscoveryConfig, announce_validator, new_record, start_dht, visible_maddrs
-from validator.config import DhtSection
+from expertmesh.protocol.discovery import DiscoveryConfig, announce_validator, new_record, start_dht, visible_maddrs
+from expertmesh.validator.config import DhtSection
 
 log = logging.getLogger(__name__)
 

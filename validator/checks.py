@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from node.moe import MoEModel
-from protocol.names import PROJS, expert_key, parse_expert_key
+from expertmesh.node.moe import MoEModel
+from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
 
 
 class CheckFailed(ValueError):

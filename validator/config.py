@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
+from expertmesh.node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
 
-from protocol.types import DOMAIN_RE
+from expertmesh.protocol.types import DOMAIN_RE
 
 
 

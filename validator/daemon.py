@@ -16,22 +16,22 @@ from dataclasses import dataclass
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.locks import hold_state_dir
-from protocol import identity
-from protocol.admission import AdmissionConfig
-from protocol.server import ServerConfig, ValidatorServer
-from validator.announce import Announced, Announcer
-from validator.config import ValidatorConfig
-from validator.intake import Intake
-from validator.ledger import Ledger
-from validator.logs import setup_logging
-from validator.metrics import Metrics
-from validator.registry import Registry, RegistryLimits
-from validator.rounds import RoundBook, now_ms
-from validator.runtime import ModelRuntime, import_base
-from validator.scheduler import PhaseHooks, Scheduler
-from validator.service import ValidatorService
-from validator.spool import Spool
+from expertmesh.node.locks import hold_state_dir
+from expertmesh.protocol import identity
+from expertmesh.protocol.admission import AdmissionConfig
+from expertmesh.protocol.server import ServerConfig, ValidatorServer
+from expertmesh.validator.announce import Announced, Announcer
+from expertmesh.validator.config import ValidatorConfig
+from expertmesh.validator.intake import Intake
+from expertmesh.validator.ledger import Ledger
+from expertmesh.validator.logs import setup_logging
+from expertmesh.validator.metrics import Metrics
+from expertmesh.validator.registry import Registry, RegistryLimits
+from expertmesh.validator.rounds import RoundBook, now_ms
+from expertmesh.validator.runtime import ModelRuntime, import_base
+from expertmesh.validator.scheduler import PhaseHooks, Scheduler
+from expertmesh.validator.service import ValidatorService
+from expertmesh.validator.spool import Spool
 
 log = logging.getLogger("validator")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from node.jobs import data_rows
-from validator.config import ScoringSection
-from validator.ledger import Ledger
-from validator.registry import Registry
-from validator.scoring import EvalRows
+from expertmesh.node.jobs import data_rows
+from expertmesh.validator.config import ScoringSection
+from expertmesh.validator.ledger import Ledger
+from expertmesh.validator.registry import Registry
+from expertmesh.validator.scoring import EvalRows
 
 
 def eval_spec(ledger: Ledger, domains: tuple[str, ...], before_ms: int) -> dict[str, list[str]]:

@@ -13,18 +13,18 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from protocol.codec import read_delta_header
-from protocol.delta_format import MAX_HEADER_BYTES
-from protocol.errors import DeltaFormatError, Rejected
-from protocol.identity import key_id
-from protocol.types import DatasetReceipt, Receipt, Submission
-from validator.config import ValidatorConfig
-from validator.evalset import eval_spec
-from validator.ledger import DatasetRow, Ledger, SubmissionRow, experts_json
-from validator.metrics import Metrics
-from validator.registry import DatasetError, Registry
-from validator.rounds import IntakeRefused, RoundBook, now_ms
-from validator.spool import Spool
+from expertmesh.protocol.codec import read_delta_header
+from expertmesh.protocol.delta_format import MAX_HEADER_BYTES
+from expertmesh.protocol.errors import DeltaFormatError, Rejected
+from expertmesh.protocol.identity import key_id
+from expertmesh.protocol.types import DatasetReceipt, Receipt, Submission
+from expertmesh.validator.config import ValidatorConfig
+from expertmesh.validator.evalset import eval_spec
+from expertmesh.validator.ledger import DatasetRow, Ledger, SubmissionRow, experts_json
+from expertmesh.validator.metrics import Metrics
+from expertmesh.validator.registry import DatasetError, Registry
+from expertmesh.validator.rounds import IntakeRefused, RoundBook, now_ms
+from expertmesh.validator.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.codec import decode_delta
-from protocol.errors import DeltaFormatError
-from validator.checks import CheckedDelta, CheckFailed, check_delta
-from validator.config import MergeSection, ScoringSection
-from validator.ledger import SubmissionRow, VerdictRow
-from validator.merge import merge_weight
-from validator.runtime import ModelRuntime
-from validator.scoring import BaseLosses, EvalRows, evaluate, max_cosine
-from validator.spool import Spool
+from expertmesh.protocol.codec import decode_delta
+from expertmesh.protocol.errors import DeltaFormatError
+from expertmesh.validator.checks import CheckedDelta, CheckFailed, check_delta
+from expertmesh.validator.config import MergeSection, ScoringSection
+from expertmesh.validator.ledger import SubmissionRow, VerdictRow
+from expertmesh.validator.merge import merge_weight
+from expertmesh.validator.runtime import ModelRuntime
+from expertmesh.validator.scoring import BaseLosses, EvalRows, evaluate, max_cosine
+from expertmesh.validator.spool import Spool
 
 # Verdict codes of submissions whose payload never decoded or failed the checks: not compared for copies.
 UNREADABLE = ("format", "version", "experts", "shape", "dtype", "finite", "norm_cap")

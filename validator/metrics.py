@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from node.metrics import MetricsEndpoint
-from validator.ledger import VerdictRow
+from expertmesh.node.metrics import MetricsEndpoint
+from expertmesh.validator.ledger import VerdictRow
 
 _SCORE_BUCKETS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 _SECONDS_BUCKETS = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000)

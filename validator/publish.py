@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from node.files import file_sha256, fsync_path
+from expertmesh.node.files import file_sha256, fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT = "expertmesh-manifest/1"

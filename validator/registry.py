@@ -20,9 +20,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.data import content_hash, is_heldout, iter_texts
-from validator.ledger import DatasetRow, Ledger
-from node.files import file_sha256
+from expertmesh.node.data import content_hash, is_heldout, iter_texts
+from expertmesh.validator.ledger import DatasetRow, Ledger
+from expertmesh.node.files import file_sha256
 
 
 class DatasetError(ValueError):

@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from protocol.names import PROJS, expert_key, parse_expert_key
-from validator.config import MergeSection
-from node.files import file_sha256, fsync_path
-from validator.judging import decode
-from validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
-from validator.merge import OuterConfig, WeightedMean, outer_step
-from validator.publish import manifest_sha256, write_checkpoint
-from validator.runtime import ModelRuntime
-from validator.spool import Spool
+from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
+from expertmesh.validator.config import MergeSection
+from expertmesh.node.files import file_sha256, fsync_path
+from expertmesh.validator.judging import decode
+from expertmesh.validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
+from expertmesh.validator.merge import OuterConfig, WeightedMean, outer_step
+from expertmesh.validator.publish import manifest_sha256, write_checkpoint
+from expertmesh.validator.runtime import ModelRuntime
+from expertmesh.validator.spool import Spool
 
 @dataclass(frozen=True)
 class Release:

@@ -14,8 +14,8 @@ import json
 import time
 from collections.abc import Callable
 
-from validator.config import RoundsSection
-from validator.ledger import Ledger, RoundRow, SubmissionRow, VersionRow
+from expertmesh.validator.config import RoundsSection
+from expertmesh.validator.ledger import Ledger, RoundRow, SubmissionRow, VersionRow
 
 
 class IntakeRefused(ValueError):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from node.moe import MoEModel, load_model
-from node.paths import DEFAULT_MODEL
-from validator.checks import expert_norms
-from validator.ledger import Ledger, VersionRow
-from validator.publish import manifest_sha256, verify_checkpoint, version_dir, write_checkpoint
+from expertmesh.node.moe import MoEModel, load_model
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.validator.checks import expert_norms
+from expertmesh.validator.ledger import Ledger, VersionRow
+from expertmesh.validator.publish import manifest_sha256, verify_checkpoint, version_dir, write_checkpoint
 
 log = logging.getLogger(__name__)
 

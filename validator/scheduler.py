@@ -17,18 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from validator.config import ValidatorConfig
-from validator.evalset import build_rows, eval_spec
-from validator.judging import RoundEval, comparable, judge
-from validator.ledger import Ledger, RoundRow
-from validator.metrics import Metrics
-from validator.publish import prune
-from validator.registry import Registry
-from validator.release import publish_round
-from validator.rounds import RoundBook, now_ms
-from validator.runtime import ModelRuntime
-from validator.scoring import base_losses
-from validator.spool import Spool
+from expertmesh.validator.config import ValidatorConfig
+from expertmesh.validator.evalset import build_rows, eval_spec
+from expertmesh.validator.judging import RoundEval, comparable, judge
+from expertmesh.validator.ledger import Ledger, RoundRow
+from expertmesh.validator.metrics import Metrics
+from expertmesh.validator.publish import prune
+from expertmesh.validator.registry import Registry
+from expertmesh.validator.release import publish_round
+from expertmesh.validator.rounds import RoundBook, now_ms
+from expertmesh.validator.runtime import ModelRuntime
+from expertmesh.validator.scoring import base_losses
+from expertmesh.validator.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from node.evaluate import mean_loss
-from node.moe import MoEModel
-from protocol.names import parse_expert_key
+from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.moe import MoEModel
+from expertmesh.protocol.names import parse_expert_key
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from protocol.backend import ValidatorBackend
-from protocol.errors import Rejected
-from protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
+from expertmesh.protocol.backend import ValidatorBackend
+from expertmesh.protocol.errors import Rejected
+from expertmesh.protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
                             RoundInfo, RoundPhase, Submission)
-from validator.intake import Intake
-from validator.ledger import Ledger
-from node.files import file_sha256
-from validator.publish import MANIFEST, CheckpointError, manifest_file, read_manifest, version_dir
-from validator.registry import DatasetError, Registry
-from validator.rounds import RoundBook
+from expertmesh.validator.intake import Intake
+from expertmesh.validator.ledger import Ledger
+from expertmesh.node.files import file_sha256
+from expertmesh.validator.publish import MANIFEST, CheckpointError, manifest_file, read_manifest, version_dir
+from expertmesh.validator.registry import DatasetError, Registry
+from expertmesh.validator.rounds import RoundBook
 
 SOFTWARE_VERSION = "expertmesh-validator/0.1.0"
 

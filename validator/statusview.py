@@ -10,8 +10,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.client import ClientConfig, ValidatorClient
-from protocol.types import NodeStatus, RoundInfo
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.protocol.types import NodeStatus, RoundInfo
 
 
 @dataclass(frozen=True)

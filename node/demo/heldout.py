@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from node.data import iter_texts, split
-from node.domains import MATH_TEMPLATE, stdlib_texts
-from node.evaluate import mean_loss
-from node.jobs import data_rows
-from node.moe import load_model
-from node.paths import shared_data_dir
+from expertmesh.node.data import iter_texts, split
+from expertmesh.node.domains import MATH_TEMPLATE, stdlib_texts
+from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.jobs import data_rows
+from expertmesh.node.moe import load_model
+from expertmesh.node.paths import shared_data_dir
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def domain_sources(data_dir: Path) -> dict[str, DomainSource]:
     shared = shared_data_dir()
     code = data_dir / "python-stdlib.jsonl"
     if not code.exists():
-        from node.domains import write_domain_file
+        from expertmesh.node.domains import write_domain_file
 
         write_domain_file("code", code, stdlib_texts())
     return {"math": DomainSource("math", shared / "gsm8k_train.jsonl", MATH_TEMPLATE),

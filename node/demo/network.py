@@ -10,10 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.demo.heldout import DomainSource
-from node.miner.config import SelectSection, TrainSection
-from node.demo.procs import Child, Supervisor
-from protocol import identity
+from expertmesh.node.demo.heldout import DomainSource
+from expertmesh.node.miner.config import SelectSection, TrainSection
+from expertmesh.node.demo.procs import Child, Supervisor
+from expertmesh.protocol import identity
 
 DOMAIN_ORDER = ("math", "literature", "code")
 

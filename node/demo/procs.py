@@ -1,6 +1,6 @@
 """The demo's child processes: started with their output in the run directory, watched, ended by pid.
 
-Every child is `python -m node ...` (the same code as the parent) in its own session, so a Ctrl-C
+Every child is `python -m expertmesh ...` (the same code as the parent) in its own session, so a Ctrl-C
 in the terminal reaches only the demo, which then stops each child itself: SIGTERM, a grace
 period, then SIGKILL (to the process group the child leads, so its own helpers go too), always by
 the pid it started. Nothing is ever looked up or killed by name.
@@ -15,10 +15,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import node
-
-REPO = Path(node.__file__).resolve().parent.parent
 
 
 class DemoError(RuntimeError):
@@ -45,9 +41,9 @@ class Supervisor:
 
     def start(self, name: str, *args: str, expect_exit: bool = False) -> Child:
         log = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
+        env = {**os.environ, **self.env}
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "node", *args], stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([sys.executable, "-m", "expertmesh", *args], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, cwd=self.log_dir, start_new_session=True)
         child = Child(name, proc, log, expect_exit)
         self.children.append(child)

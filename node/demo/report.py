@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.types import RoundInfo
+from expertmesh.protocol.types import RoundInfo
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.demo.network import (DemoSettings, miner_domains, register_domains, start_bootstrap, start_miner,
+from expertmesh.node.demo.network import (DemoSettings, miner_domains, register_domains, start_bootstrap, start_miner,
                                start_validator)
-from node.demo.procs import DemoError, Supervisor
-from node.locks import hold_state_dir
-from node.demo.report import RoundReport, summary, table
+from expertmesh.node.demo.procs import DemoError, Supervisor
+from expertmesh.node.locks import hold_state_dir
+from expertmesh.node.demo.report import RoundReport, summary, table
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,9 @@ class Network:
         self.doc: dict = {"run_dir": str(run_dir), "rounds": []}
 
     def run(self) -> None:
-        from node.demo.heldout import HeldOut, domain_sources
-        from node.moe import load_model
-        from node.paths import DEFAULT_MODEL
+        from expertmesh.node.demo.heldout import HeldOut, domain_sources
+        from expertmesh.node.moe import load_model
+        from expertmesh.node.paths import DEFAULT_MODEL
 
         t0 = time.monotonic()
         sources = domain_sources(self.run_dir / "data")
@@ -122,7 +122,7 @@ class Network:
 
     @staticmethod
     def _client(address: str):
-        from protocol.client import ClientConfig, ValidatorClient
+        from expertmesh.protocol.client import ClientConfig, ValidatorClient
 
         return ValidatorClient(address, ClientConfig(call_timeout_s=30))
 
@@ -173,7 +173,7 @@ class Network:
         manifest = published / "manifest.json"
         if manifest.is_file() and hashlib.sha256(manifest.read_bytes()).digest() == manifest_sha256:
             return published
-        from node.fetch import CheckpointCache
+        from expertmesh.node.fetch import CheckpointCache
 
         return CheckpointCache(self.run_dir / "checkpoints", keep=1000).ensure(client, version, manifest_sha256)
 

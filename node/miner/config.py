@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
-from protocol.types import DOMAIN_RE
+from expertmesh.node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
+from expertmesh.protocol.types import DOMAIN_RE
 
 ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 

@@ -16,21 +16,21 @@ from pathlib import Path
 
 import torch
 
-from node.fetch import CheckpointCache, CheckpointError
-from node.locks import hold_state_dir
-from node.miner.config import MinerConfig
-from node.miner.data import DataSource, check_local
-from node.miner.inner import Stopped, run_inner
-from node.miner.locate import CannotTakePart, Locator
-from node.miner.metrics import MinerMetrics
-from node.miner.plan import make_plan
-from node.miner.progress import Progress
-from node.miner.submit import Outbox, SubmissionBook
-from node.moe import ModelError, load_model
-from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient
-from protocol.errors import ProtocolError, RemoteError
-from protocol.types import RoundInfo, RoundPhase
+from expertmesh.node.fetch import CheckpointCache, CheckpointError
+from expertmesh.node.locks import hold_state_dir
+from expertmesh.node.miner.config import MinerConfig
+from expertmesh.node.miner.data import DataSource, check_local
+from expertmesh.node.miner.inner import Stopped, run_inner
+from expertmesh.node.miner.locate import CannotTakePart, Locator
+from expertmesh.node.miner.metrics import MinerMetrics
+from expertmesh.node.miner.plan import make_plan
+from expertmesh.node.miner.progress import Progress
+from expertmesh.node.miner.submit import Outbox, SubmissionBook
+from expertmesh.node.moe import ModelError, load_model
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.protocol.errors import ProtocolError, RemoteError
+from expertmesh.protocol.types import RoundInfo, RoundPhase
 
 
 class Backoff:

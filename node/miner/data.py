@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.data import DataError, content_hash, is_heldout, iter_texts
-from node.files import file_sha256
-from node.jobs import file_digest
-from node.miner.config import DataSection
-from node.miner.locate import CannotTakePart
+from expertmesh.node.data import DataError, content_hash, is_heldout, iter_texts
+from expertmesh.node.files import file_sha256
+from expertmesh.node.jobs import file_digest
+from expertmesh.node.miner.config import DataSection
+from expertmesh.node.miner.locate import CannotTakePart
 
 
 @dataclass(frozen=True)

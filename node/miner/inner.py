@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from node.miner.config import TrainSection
-from node.miner.metrics import MinerMetrics
-from node.miner.progress import Progress
-from node.moe import MoEModel
-from node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.node.miner.config import TrainSection
+from expertmesh.node.miner.metrics import MinerMetrics
+from expertmesh.node.miner.progress import Progress
+from expertmesh.node.moe import MoEModel
+from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 
 
 class Stopped(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from node.miner.config import ValidatorSection
+from expertmesh.node.miner.config import ValidatorSection
 
 REMEMBER_S = 60.0  # a found endpoint is reused this long (or until a call to it fails): no DHT query per poll
 
@@ -37,7 +37,7 @@ class Locator:
             return self.cfg.address
         if self._found is not None and time.monotonic() - self._found[1] < REMEMBER_S:
             return self._found[0]
-        from protocol.discovery import find_validators
+        from expertmesh.protocol.discovery import find_validators
 
         self.join()
         try:
@@ -55,7 +55,7 @@ class Locator:
         return ours[0].endpoint
 
     def _config(self):
-        from protocol.discovery import DiscoveryConfig
+        from expertmesh.protocol.discovery import DiscoveryConfig
 
         return DiscoveryConfig(initial_peers=tuple(self.cfg.initial_peers), timeout_s=self.cfg.call_timeout_s)
 
@@ -64,7 +64,7 @@ class Locator:
         which is safe only before gRPC and the metrics server start their threads."""
         if self.cfg.address or self._dht is not None:
             return
-        from protocol.discovery import start_dht
+        from expertmesh.protocol.discovery import start_dht
 
         logging.getLogger("hivemind").setLevel(logging.WARNING)
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from node.metrics import MetricsEndpoint
+from expertmesh.node.metrics import MetricsEndpoint
 
 
 class MinerMetrics(MetricsEndpoint):

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from node.data import pack, tokenize
-from node.files import file_sha256
-from node.miner.config import MinerConfig
-from node.miner.data import DomainData
-from node.miner.progress import Progress
-from node.moe import MoEModel
-from node.profile import RoutingProfile
-from node.select import from_esft_json, select_experts, to_esft_json
+from expertmesh.node.data import pack, tokenize
+from expertmesh.node.files import file_sha256
+from expertmesh.node.miner.config import MinerConfig
+from expertmesh.node.miner.data import DomainData
+from expertmesh.node.miner.progress import Progress
+from expertmesh.node.moe import MoEModel
+from expertmesh.node.profile import RoutingProfile
+from expertmesh.node.select import from_esft_json, select_experts, to_esft_json
 
 
 @dataclass(frozen=True)

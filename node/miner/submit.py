@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from node.miner.config import CodecSection
-from node.miner.locate import CannotTakePart
-from protocol.client import ValidatorClient, sign_upload
-from protocol.codec import CodecConfig, DeltaMeta, encode_delta
-from protocol.errors import RemoteError
-from protocol.types import Receipt, RoundInfo, SignedEnvelope
+from expertmesh.node.miner.config import CodecSection
+from expertmesh.node.miner.locate import CannotTakePart
+from expertmesh.protocol.client import ValidatorClient, sign_upload
+from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
+from expertmesh.protocol.errors import RemoteError
+from expertmesh.protocol.types import Receipt, RoundInfo, SignedEnvelope
 
 # Refusals that are final for this round: record them and wait for the next one.
 FINAL_CODES = {"FAILED_PRECONDITION", "INVALID_ARGUMENT", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"}

@@ -11,13 +11,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from node.data import DataError
-from node.files import file_sha256
-from node.submission.prepare import Prepared, SubmitLimits, count_tokens, payload_texts, prepare
-from node.submission.tokenizer import validator_tokenizer
-from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient, sign_upload
-from protocol.types import check_domain
+from expertmesh.node.data import DataError
+from expertmesh.node.files import file_sha256
+from expertmesh.node.submission.prepare import Prepared, SubmitLimits, count_tokens, payload_texts, prepare
+from expertmesh.node.submission.tokenizer import validator_tokenizer
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ClientConfig, ValidatorClient, sign_upload
+from expertmesh.protocol.types import check_domain
 
 Print = Callable[[str], None]
 
@@ -52,7 +52,7 @@ def submit(path: Path, domain: str, validator: str, key_file: Path, text_field: 
            template: str | None = None, limits: SubmitLimits = SubmitLimits(), cache_dir: Path | None = None,
            dry_run: bool = False, say: Print = print, timeout_s: float = 60.0) -> str | None:
     """Register `path` for `domain`; the dataset id (None for a dry run). ValueError/OSError on any problem."""
-    from node.submission.tokenizer import default_cache_dir
+    from expertmesh.node.submission.tokenizer import default_cache_dir
 
     check_domain(domain)
     key = identity.load_key(key_file)
@@ -79,7 +79,7 @@ def submit(path: Path, domain: str, validator: str, key_file: Path, text_field: 
 def list_datasets(validator: str, domain: str | None = None, counts: bool = True, cache_dir: Path | None = None,
                   say: Print = print, timeout_s: float = 60.0) -> list[dict]:
     """Print the validator's datasets; with counts, fetch each train part (cached by sha256) to count it."""
-    from node.submission.tokenizer import default_cache_dir
+    from expertmesh.node.submission.tokenizer import default_cache_dir
 
     if domain is not None:
         check_domain(domain)
@@ -95,7 +95,7 @@ def list_datasets(validator: str, domain: str | None = None, counts: bool = True
                 if not path.is_file() or file_sha256(path) != info.sha256.hex():
                     path.parent.mkdir(parents=True, exist_ok=True)
                     client.fetch_dataset(info.dataset_id, path, expected_sha256=info.sha256)
-                from node.data import iter_texts
+                from expertmesh.node.data import iter_texts
 
                 texts = list(iter_texts(path))
                 row |= {"train_records": len(texts), "train_tokens": count_tokens(tokenizer, iter(texts))}

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.data import DataError, read_records, render
+from expertmesh.node.data import DataError, read_records, render
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 PREVIEW_RECORDS = 3

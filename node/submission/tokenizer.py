@@ -10,9 +10,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from node.fetch import CheckpointCache, tokenizer_files
-from protocol.client import ValidatorClient
-from protocol.types import RoundInfo
+from expertmesh.node.fetch import CheckpointCache, tokenizer_files
+from expertmesh.protocol.client import ValidatorClient
+from expertmesh.protocol.types import RoundInfo
 
 
 def default_cache_dir() -> Path:

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def triton_device() -> torch.device:
     """Where the Triton backend runs in this session: CUDA when present, else the CPU interpreter."""
-    from kernels.dispatch import choose_backend
+    from expertmesh.kernels.dispatch import choose_backend
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert choose_backend(dev, "triton") == "triton"  # fails loudly if triton was imported in the wrong mode

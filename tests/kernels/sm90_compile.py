@@ -20,10 +20,10 @@ SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 
 
 def specs():
-    from kernels import delta_triton as dq
-    from kernels import ffn_bwd_kernels as bwd
-    from kernels import ffn_fwd_kernels as fwd
-    from kernels.ffn_triton import GPU_TILES as c
+    from expertmesh.kernels import delta_triton as dq
+    from expertmesh.kernels import ffn_bwd_kernels as bwd
+    from expertmesh.kernels import ffn_fwd_kernels as fwd
+    from expertmesh.kernels.ffn_triton import GPU_TILES as c
 
     tiles = dict(BM=c.block_m, BN=c.block_n, BK=c.block_k, PREC="tf32")
     meta = dict(perm_ptr="*i32", tile_group_ptr="*i32", tile_row_ptr="*i32", offsets_ptr="*i32", expert_ptr="*i32")
@@ -76,7 +76,7 @@ def compile_one(fn, args: dict):
             signature[name] = "i32" if v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    from kernels.ffn_triton import GPU_TILES as c
+    from expertmesh.kernels.ffn_triton import GPU_TILES as c
     opts = dict(num_warps=c.num_warps, num_stages=c.num_stages) if fn.__name__.startswith("ffn") else {}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=opts)

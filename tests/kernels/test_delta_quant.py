@@ -7,8 +7,8 @@ in half-precision deltas) any lowest-magnitude choice is valid, so those cases c
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from expertmesh import kernels
+from expertmesh.kernels import reference
 
 E, I, H = 5, 12, 20
 IDS = [4, 1, 2]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels import reference
+from expertmesh import kernels
+from expertmesh.kernels import reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.dispatch import choose_backend
+from expertmesh import kernels
+from expertmesh.kernels.dispatch import choose_backend
 
 T, K, E, H, I = 9, 2, 5, 16, 12
 

@@ -6,8 +6,8 @@ The fp32/fp16 parity tests in the other files also run compiled when a GPU is pr
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from expertmesh import kernels
+from expertmesh.kernels import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

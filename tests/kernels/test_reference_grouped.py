@@ -5,7 +5,7 @@ Legend: T tokens, K top-k, E experts, S trainable experts, H hidden, I intermedi
 import pytest
 import torch
 
-from kernels import reference
+from expertmesh.kernels import reference
 
 H, I = 32, 24  # row strides that are multiples of 16 bytes in every dtype, as grouped_mm needs
 if not reference._grouped_mm_ok(torch.empty(0), torch.empty(1, H, I)):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.routing import build_routing
+from expertmesh.kernels.routing import build_routing
 
 
 def _oracle(idx_TK, E, ids):

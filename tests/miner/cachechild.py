@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from node.fetch import CheckpointCache
-from protocol.client import ValidatorClient
+from expertmesh.node.fetch import CheckpointCache
+from expertmesh.protocol.client import ValidatorClient
 
 
 class Client(ValidatorClient):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from fakevalidator import FakeValidator
-from node.paths import DEFAULT_MODEL
-from protocol import identity
-from protocol.server import ServerConfig, ValidatorServer
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.protocol import identity
+from expertmesh.protocol.server import ServerConfig, ValidatorServer
 
 
 @pytest.fixture

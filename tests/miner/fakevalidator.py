@@ -15,13 +15,13 @@ import shutil
 import threading
 from pathlib import Path
 
-from node.data import content_hash, is_heldout
-from node.moe import read_config
-from protocol import identity
-from protocol.backend import ValidatorBackend
-from protocol.codec import DeltaSpec, decode_delta
-from protocol.errors import Rejected
-from protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
+from expertmesh.node.data import content_hash, is_heldout
+from expertmesh.node.moe import read_config
+from expertmesh.protocol import identity
+from expertmesh.protocol.backend import ValidatorBackend
+from expertmesh.protocol.codec import DeltaSpec, decode_delta
+from expertmesh.protocol.errors import Rejected
+from expertmesh.protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
                             RoundInfo, RoundPhase, Submission)
 
 

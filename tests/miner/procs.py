@@ -14,11 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Child:
-    """`python -m node ARGS` with its stderr lines queued (and kept), so a test can wait for one."""
+    """`python -m expertmesh ARGS` with its stderr lines queued (and kept), so a test can wait for one."""
 
     def __init__(self, *args: str, env: dict | None = None, cwd: Path | None = None):
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "node", *args], stdout=subprocess.PIPE,
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd or REPO)
         self._start_pump()
 

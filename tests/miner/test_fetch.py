@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from node.fetch import CheckpointCache, CheckpointError, parse_manifest, tokenizer_files
-from protocol.client import ValidatorClient
-from protocol.errors import PayloadMismatch
+from expertmesh.node.fetch import CheckpointCache, CheckpointError, parse_manifest, tokenizer_files
+from expertmesh.protocol.client import ValidatorClient
+from expertmesh.protocol.errors import PayloadMismatch
 
 
 class CountingClient(ValidatorClient):

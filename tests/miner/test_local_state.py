@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import REPO, Child
+from procs import Child
 
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("cachechild.py")
@@ -25,7 +25,7 @@ CHILD = Path(__file__).with_name("cachechild.py")
 class CacheChild(Child):
     def __init__(self, root: Path, fake, *extra: str):
         sha = fake.current_round().model_sha256.hex()
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, str(CHILD), str(root), fake.address, "0", sha, *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self._start_pump()
@@ -65,9 +65,9 @@ def test_many_processes_fill_one_cache_while_one_is_killed_mid_download(fake, tm
 
 def test_a_version_in_use_is_never_pruned(fake, tmp_path):
     from fakevalidator import publish
-    from node.fetch import CheckpointCache
-    from node.paths import DEFAULT_MODEL
-    from protocol.client import ValidatorClient
+    from expertmesh.node.fetch import CheckpointCache
+    from expertmesh.node.paths import DEFAULT_MODEL
+    from expertmesh.protocol.client import ValidatorClient
 
     root = tmp_path / "cache"
     fake.versions[1] = (fake.root / "v1", publish(DEFAULT_MODEL, fake.root / "v1", 1))

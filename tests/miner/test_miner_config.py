@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.miner.config import ConfigError, load_config, parse_config
+from expertmesh.node.miner.config import ConfigError, load_config, parse_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MINIMAL = {"domain": "math", "key": "miner.key", "validator": {"address": "127.0.0.1:5000"}}
@@ -71,7 +71,7 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path, cli):
 
 
 def test_readme_validator_example_is_a_valid_validator_config(tmp_path):
-    from validator.config import load_config as load_validator_config
+    from expertmesh.validator.config import load_config as load_validator_config
 
     block = re.search(r"A complete `validator.toml`.*?```toml\n(.*?)```", README.read_text(), re.S)
     assert block, "README lost its complete validator.toml example"

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from node.miner.config import CodecSection, parse_config
-from node.miner.daemon import Miner
-from node.miner.metrics import MinerMetrics
-from node.miner.progress import Progress
-from node.miner.submit import Outbox
-from protocol import identity
-from protocol.admission import AdmissionConfig
-from protocol.client import ValidatorClient
-from protocol.names import PROJS, expert_key
+from expertmesh.node.miner.config import CodecSection, parse_config
+from expertmesh.node.miner.daemon import Miner
+from expertmesh.node.miner.metrics import MinerMetrics
+from expertmesh.node.miner.progress import Progress
+from expertmesh.node.miner.submit import Outbox
+from expertmesh.protocol import identity
+from expertmesh.protocol.admission import AdmissionConfig
+from expertmesh.protocol.client import ValidatorClient
+from expertmesh.protocol.names import PROJS, expert_key
 
 
 def free_port() -> int:
@@ -145,8 +145,8 @@ def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_pa
 
 
 def _shapes(fake) -> dict[str, tuple[int, int]]:
-    from node.moe import read_config
-    from node.paths import DEFAULT_MODEL
+    from expertmesh.node.moe import read_config
+    from expertmesh.node.paths import DEFAULT_MODEL
 
     cfg = read_config(DEFAULT_MODEL)
     I, H = cfg["moe_intermediate_size"], cfg["hidden_size"]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from node.miner.config import ValidatorSection
-from node.miner.locate import CannotTakePart, Locator
-from protocol import identity
-from protocol.discovery import DiscoveryConfig, announce_validator, new_record, start_dht, visible_maddrs
+from expertmesh.node.miner.config import ValidatorSection
+from expertmesh.node.miner.locate import CannotTakePart, Locator
+from expertmesh.protocol import identity
+from expertmesh.protocol.discovery import DiscoveryConfig, announce_validator, new_record, start_dht, visible_maddrs
 
 pytestmark = pytest.mark.slow
 

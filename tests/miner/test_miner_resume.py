@@ -13,13 +13,13 @@ import signal
 import pytest
 import torch
 
-from node.miner.config import TrainSection
-from node.miner.inner import run_inner
-from node.miner.metrics import MinerMetrics
-from node.miner.progress import Progress
-from node.moe import load_model
-from node.select import from_esft_json
-from protocol.codec import CodecConfig, DeltaMeta, encode_delta, decode_delta
+from expertmesh.node.miner.config import TrainSection
+from expertmesh.node.miner.inner import run_inner
+from expertmesh.node.miner.metrics import MinerMetrics
+from expertmesh.node.miner.progress import Progress
+from expertmesh.node.moe import load_model
+from expertmesh.node.select import from_esft_json
+from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta, decode_delta
 from safetensors.torch import load_file
 
 from procs import Child

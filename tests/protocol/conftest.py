@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient
-from protocol.codec import CodecConfig, DeltaMeta, encode_delta
-from protocol.server import ServerConfig, ValidatorServer
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
+from expertmesh.protocol.server import ServerConfig, ValidatorServer
 
 from protohelpers import FAST, MemoryBackend, make_delta, signed
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from protocol import identity
-from protocol.backend import ValidatorBackend
-from protocol.client import sign_upload
-from protocol.codec import DeltaSpec, decode_delta
-from protocol.errors import Rejected
-from protocol.names import PROJS, expert_key
-from protocol.server import ServerConfig
-from protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
+from expertmesh.protocol import identity
+from expertmesh.protocol.backend import ValidatorBackend
+from expertmesh.protocol.client import sign_upload
+from expertmesh.protocol.codec import DeltaSpec, decode_delta
+from expertmesh.protocol.errors import Rejected
+from expertmesh.protocol.names import PROJS, expert_key
+from expertmesh.protocol.server import ServerConfig
+from expertmesh.protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
                             RoundInfo, RoundPhase, Submission)
 
 SPEC = DeltaSpec(num_layers=2, num_experts=8, hidden=32, intermediate=16)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import stat
 
-from protocol import identity
-from protocol.codec import CodecConfig, DeltaMeta, encode_delta
+from expertmesh.protocol import identity
+from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
 
 from protohelpers import make_delta
 

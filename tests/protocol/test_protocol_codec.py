@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.reference import int8_blockwise_dequantize, int8_blockwise_quantize
-from protocol.codec import CodecConfig, DeltaFormatError, DeltaMeta, DeltaSpec, decode_delta, encode_delta
-from protocol.delta_format import METADATA_KEY
+from expertmesh.kernels.reference import int8_blockwise_dequantize, int8_blockwise_quantize
+from expertmesh.protocol.codec import CodecConfig, DeltaFormatError, DeltaMeta, DeltaSpec, decode_delta, encode_delta
+from expertmesh.protocol.delta_format import METADATA_KEY
 
 from protohelpers import SPEC, make_delta
 

@@ -19,12 +19,12 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
-from protocol import identity, serde
-from protocol.discovery import (VALIDATORS_KEY, AnnouncementValidator, DiscoveryConfig, _VALIDATORS_KEY_ID,
+from expertmesh.protocol import identity, serde
+from expertmesh.protocol.discovery import (VALIDATORS_KEY, AnnouncementValidator, DiscoveryConfig, _VALIDATORS_KEY_ID,
                                 announce_validator, find_validators, new_record, sign_announcement, start_dht,
                                 verify_announcement)
-from protocol.errors import BadSignature, StaleTimestamp
-from protocol.types import SignedAnnouncement
+from expertmesh.protocol.errors import BadSignature, StaleTimestamp
+from expertmesh.protocol.types import SignedAnnouncement
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = identity.generate_key()
@@ -92,9 +92,8 @@ def test_bootstrap_validator_and_plain_hivemind_peer(tmp_path):
 
     boot_key = tmp_path / "boot.key"
     identity.save_key(identity.generate_key(), boot_key)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    boot = subprocess.Popen([sys.executable, "-m", "node", "bootstrap", "--identity", str(boot_key)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    boot = subprocess.Popen([sys.executable, "-m", "expertmesh", "bootstrap", "--identity", str(boot_key)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     dhts = []
     try:
         maddrs = read_lines(boot, 1, timeout=60)

@@ -1,7 +1,7 @@
 """A DHT peer that cannot start is a one-line configuration error, not a hivemind traceback."""
 import pytest
 
-from protocol.discovery import DiscoveryConfig, DiscoveryError, start_dht
+from expertmesh.protocol.discovery import DiscoveryConfig, DiscoveryError, start_dht
 
 
 @pytest.mark.parametrize("peer, match", [("garbage", "multiaddr"),

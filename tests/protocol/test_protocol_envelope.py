@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import envelope as E
-from protocol import identity
-from protocol.admission import Admission, AdmissionConfig, KeyPolicy, ReplayGuard
-from protocol.errors import (BadSignature, BannedKey, MalformedEnvelope, Oversize, Overloaded, ReplayedNonce, StaleTimestamp,
+from expertmesh.protocol import envelope as E
+from expertmesh.protocol import identity
+from expertmesh.protocol.admission import Admission, AdmissionConfig, KeyPolicy, ReplayGuard
+from expertmesh.protocol.errors import (BadSignature, BannedKey, MalformedEnvelope, Oversize, Overloaded, ReplayedNonce, StaleTimestamp,
                              UnknownKey)
-from protocol.types import Envelope, SignedEnvelope
+from expertmesh.protocol.types import Envelope, SignedEnvelope
 
 KEY = identity.generate_key()
 NOW = 1_800_000_000_000

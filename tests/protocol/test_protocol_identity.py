@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from protocol import identity
-from protocol.errors import BadSignature
+from expertmesh.protocol import identity
+from expertmesh.protocol.errors import BadSignature
 
 
 def test_save_load_sign_verify(tmp_path):

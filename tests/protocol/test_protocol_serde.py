@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import expertmesh_pb2 as pb
-from protocol import serde
-from protocol.errors import ProtocolError
-from protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
+from expertmesh.protocol import expertmesh_pb2 as pb
+from expertmesh.protocol import serde
+from expertmesh.protocol.errors import ProtocolError
+from expertmesh.protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
                             RoundPhase, SignedAnnouncement, SignedEnvelope, ValidatorRecord)
 
 H = bytes(range(32))

@@ -14,15 +14,15 @@ import grpc
 import pytest
 import torch
 
-from protocol import envelope as envelope_mod
-from protocol import expertmesh_pb2_grpc as pbg
-from protocol import identity, serde
-from protocol.admission import AdmissionConfig, KeyPolicy
-from protocol.client import ClientConfig, ValidatorClient
-from protocol.codec import decode_delta
-from protocol.errors import Oversize, PayloadMismatch, RemoteError
-from protocol.server import ServerConfig
-from protocol.types import CheckpointRef, SignedEnvelope
+from expertmesh.protocol import envelope as envelope_mod
+from expertmesh.protocol import expertmesh_pb2_grpc as pbg
+from expertmesh.protocol import identity, serde
+from expertmesh.protocol.admission import AdmissionConfig, KeyPolicy
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.protocol.codec import decode_delta
+from expertmesh.protocol.errors import Oversize, PayloadMismatch, RemoteError
+from expertmesh.protocol.server import ServerConfig
+from expertmesh.protocol.types import CheckpointRef, SignedEnvelope
 
 from protohelpers import FAST, MODEL_SHA, SPEC
 

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from node.moe import wrap
-from node.profile import RoutingProfile, batches
-from node.select import select_experts
-from node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.node.moe import wrap
+from expertmesh.node.profile import RoutingProfile, batches
+from expertmesh.node.select import select_experts
+from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 
 SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, eos_token_id=0, bos_token_id=0, pad_token_id=0)

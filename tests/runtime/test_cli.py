@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from node.paths import DEFAULT_MODEL
+from expertmesh.node.paths import DEFAULT_MODEL
 
 TEMPLATE = "{question}\n{answer}"
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from node.data import DataError, iter_texts, pack, split
+from expertmesh.node.data import DataError, iter_texts, pack, split
 
 
 RECORDS = [{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}]

@@ -1,6 +1,6 @@
 import pytest
 
-from node.select import SelectionError, from_esft_json, jaccard, select_experts, to_esft_json
+from expertmesh.node.select import SelectionError, from_esft_json, jaccard, select_experts, to_esft_json
 
 
 def profile(counts, gate=None, tokens=10, k=2):

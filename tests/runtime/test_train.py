@@ -1,8 +1,8 @@
 """The selective trainer is deterministic under a seed and resumes to the same result."""
 import torch
 
-from node.moe import wrap
-from node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.node.moe import wrap
+from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 from tests.runtime.test_architectures import build
 
 SELECTION = {0: [1, 5, 9], 1: [0, 2]}

@@ -20,8 +20,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def math_texts(shared_data) -> list[str]:
-    from node.data import iter_texts
-    from node.domains import MATH_TEMPLATE
+    from expertmesh.node.data import iter_texts
+    from expertmesh.node.domains import MATH_TEMPLATE
 
     texts = iter_texts(shared_data / "gsm8k_train.jsonl", template=MATH_TEMPLATE)
     return [t for _, t in zip(range(2000), texts)]
@@ -30,7 +30,7 @@ def math_texts(shared_data) -> list[str]:
 @pytest.fixture(scope="session")
 def math_payload(tmp_path_factory, math_texts):
     """A dataset registration payload (JSON Lines of {"text": ...}) of the math texts."""
-    from validator.registry import write_payload
+    from expertmesh.validator.registry import write_payload
 
     return write_payload(math_texts, tmp_path_factory.mktemp("data") / "math.jsonl")
 

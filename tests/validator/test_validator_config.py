@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from validator.config import ConfigError, load_config, parse_config
+from expertmesh.validator.config import ConfigError, load_config, parse_config
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "validator.md"
 

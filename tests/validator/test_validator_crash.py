@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient
-from validator.publish import verify_checkpoint
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.validator.publish import verify_checkpoint
 from valhelpers import Daemon, config_doc, encode, ledger_rows, negated, submit, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -58,7 +58,7 @@ def test_sigkill_while_scoring_and_publishing_then_restart(tmp_path, trained, ma
         assert [a["submission"] for a in manifest["accepted"]] == accepted
         assert verdicts() == scored and len(ledger_rows(state, "SELECT * FROM versions")) == 2
         (version,) = ledger_rows(state, "SELECT * FROM versions WHERE version=1")
-        from validator.publish import manifest_sha256
+        from expertmesh.validator.publish import manifest_sha256
 
         assert version["manifest_sha256"] == manifest_sha256(state / "checkpoints" / "v1")
         assert not list((state / "checkpoints").glob(".tmp-*")) and not (state / "spool" / "r1").exists()

@@ -6,16 +6,16 @@ import urllib.request
 import pytest
 import torch
 
-from node.data import split
-from node.evaluate import mean_loss
-from node.jobs import data_rows
-from node.moe import wrap
-from node.paths import DEFAULT_MODEL
-from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient
-from protocol.codec import decode_delta
-from protocol.types import CheckpointRef
-from validator.publish import verify_checkpoint
+from expertmesh.node.data import split
+from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.jobs import data_rows
+from expertmesh.node.moe import wrap
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.protocol.codec import decode_delta
+from expertmesh.protocol.types import CheckpointRef
+from expertmesh.validator.publish import verify_checkpoint
 from valhelpers import Daemon, config_doc, encode, ledger_rows, negated, register, submit, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -24,7 +24,7 @@ KEYS = [identity.generate_key() for _ in range(4)]
 
 @pytest.fixture
 def dht():
-    from protocol.discovery import DiscoveryConfig, start_dht
+    from expertmesh.protocol.discovery import DiscoveryConfig, start_dht
 
     peer = start_dht(DiscoveryConfig())
     yield peer
@@ -36,7 +36,7 @@ def json_logs(daemon: Daemon) -> list[dict]:
 
 
 def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained, math_payload, math_texts, dht, cli):
-    from protocol.discovery import find_validators, visible_maddrs
+    from expertmesh.protocol.discovery import find_validators, visible_maddrs
 
     state = tmp_path / "state"
     doc = config_doc(state, log={"format": "json"}, metrics={"enabled": True},

@@ -6,16 +6,15 @@ forked DHT process is part of it), the real CLI for everything else, kill -9 by 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from protocol import identity
-from protocol.client import ValidatorClient
-from valhelpers import REPO, Daemon, config_doc, wait_until, write_config
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ValidatorClient
+from valhelpers import Daemon, config_doc, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -37,10 +36,9 @@ def _alive(pid: int) -> bool:
 
 
 def _submit(path, address, key, cache) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "node", "dataset", "submit", str(path), "--domain", "math",
+    return subprocess.Popen([sys.executable, "-m", "expertmesh", "dataset", "submit", str(path), "--domain", "math",
                              "--validator", address, "--key", str(key), "--cache-dir", str(cache)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_six_dataset_submits_at_once_on_one_cache_all_succeed(tmp_path, math_texts):
@@ -70,7 +68,7 @@ def test_six_dataset_submits_at_once_on_one_cache_all_succeed(tmp_path, math_tex
 
 
 def test_a_second_validator_on_a_held_state_directory_exits_2_and_kill_9_frees_it(tmp_path, cli):
-    from protocol.discovery import DiscoveryConfig, start_dht, visible_maddrs
+    from expertmesh.protocol.discovery import DiscoveryConfig, start_dht, visible_maddrs
 
     peer = start_dht(DiscoveryConfig())
     state = tmp_path / "state"

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from node.moe import wrap
-from node.train import SelectiveExperts, TrainConfig, Trainer
-from protocol.names import PROJS, expert_key
+from expertmesh.node.moe import wrap
+from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.protocol.names import PROJS, expert_key
 from tests.runtime.test_architectures import build
-from validator.checks import CheckFailed, check_delta, expert_norms
-from validator.merge import OuterConfig, WeightedMean, merge_weight, outer_step
-from validator.scoring import BaseLosses, EvalRows, applied, base_losses, cosine, evaluate, max_cosine
+from expertmesh.validator.checks import CheckFailed, check_delta, expert_norms
+from expertmesh.validator.merge import OuterConfig, WeightedMean, merge_weight, outer_step
+from expertmesh.validator.scoring import BaseLosses, EvalRows, applied, base_losses, cosine, evaluate, max_cosine
 
 PATTERN_NL = torch.arange(1, 33).repeat(12, 1) % 200 + 3  # a fixed sequence: easy to learn, easy to unlearn
 NOISE_NL = torch.randint(1, 256, (6, 32), generator=torch.Generator().manual_seed(5))

@@ -1,9 +1,9 @@
 """The round state machine on a real SQLite ledger: transitions, intake limits, atomicity, persistence."""
 import pytest
 
-from validator.config import RoundsSection
-from validator.ledger import Ledger, SubmissionRow, VerdictRow, VersionRow
-from validator.rounds import IntakeRefused, RoundBook
+from expertmesh.validator.config import RoundsSection
+from expertmesh.validator.ledger import Ledger, SubmissionRow, VerdictRow, VersionRow
+from expertmesh.validator.rounds import IntakeRefused, RoundBook
 
 
 class Clock:

@@ -3,12 +3,12 @@ import json
 import shutil
 
 import pytest
-from protocol import identity
-from protocol.client import ClientConfig, ValidatorClient
-from protocol.errors import RemoteError
-from protocol.server import ServerConfig, ValidatorServer
-from protocol.types import CheckpointRef
-from validator.publish import version_dir
+from expertmesh.protocol import identity
+from expertmesh.protocol.client import ClientConfig, ValidatorClient
+from expertmesh.protocol.errors import RemoteError
+from expertmesh.protocol.server import ServerConfig, ValidatorServer
+from expertmesh.protocol.types import CheckpointRef
+from expertmesh.validator.publish import version_dir
 from valhelpers import encode, negated, register, run_until, submit
 
 KEYS = [identity.generate_key() for _ in range(4)]

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from node.data import is_heldout
-from node.moe import load_model
-from node.paths import DEFAULT_MODEL
-from validator.ledger import Ledger
-from validator.publish import (CheckpointError, manifest_file, manifest_sha256, prune, verify_checkpoint, version_dir,
+from expertmesh.node.data import is_heldout
+from expertmesh.node.moe import load_model
+from expertmesh.node.paths import DEFAULT_MODEL
+from expertmesh.validator.ledger import Ledger
+from expertmesh.validator.publish import (CheckpointError, manifest_file, manifest_sha256, prune, verify_checkpoint, version_dir,
                                write_checkpoint)
-from validator.registry import DatasetError, Registry, RegistryLimits, write_payload
-from validator.spool import Spool
+from expertmesh.validator.registry import DatasetError, Registry, RegistryLimits, write_payload
+from expertmesh.validator.spool import Spool
 
 
 @pytest.fixture(scope="module")

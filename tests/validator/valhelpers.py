@@ -26,13 +26,13 @@ class Trained:
 
 def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0) -> Trained:
     """What a miner does: profile routing on its data, select experts (ESFT), train them, take the delta."""
-    from node.data import split
-    from node.jobs import data_rows
-    from node.moe import load_model
-    from node.paths import DEFAULT_MODEL
-    from node.profile import RoutingProfile, batches
-    from node.select import select_experts
-    from node.train import SelectiveExperts, TrainConfig, Trainer
+    from expertmesh.node.data import split
+    from expertmesh.node.jobs import data_rows
+    from expertmesh.node.moe import load_model
+    from expertmesh.node.paths import DEFAULT_MODEL
+    from expertmesh.node.profile import RoutingProfile, batches
+    from expertmesh.node.select import select_experts
+    from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 
     torch.manual_seed(seed)
     moe, tokenizer = load_model(DEFAULT_MODEL)
@@ -54,15 +54,15 @@ def config_doc(state_dir: Path, **sections) -> dict:
 
 
 def build_test_node(state_dir: Path, **sections):
-    from validator.config import parse_config
-    from validator.daemon import build_node
-    from validator.scheduler import PhaseHooks
+    from expertmesh.validator.config import parse_config
+    from expertmesh.validator.daemon import build_node
+    from expertmesh.validator.scheduler import PhaseHooks
 
     return build_node(parse_config(config_doc(state_dir, **sections)), PhaseHooks())
 
 
 def encode(delta: dict[str, torch.Tensor], version: int, tokens: int = 20_480, codec: str = "int8") -> bytes:
-    from protocol.codec import CodecConfig, DeltaMeta, encode_delta
+    from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
 
     return encode_delta(delta, DeltaMeta(version, tokens, "ab" * 32), CodecConfig(codec, block=256)).payload
 
@@ -73,7 +73,7 @@ def negated(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def submit(client, key, payload: bytes, domain: str = "math", **overrides):
     """Sign `payload` for the validator's open round (or the given overrides) and send it."""
-    from protocol.client import sign_upload
+    from expertmesh.protocol.client import sign_upload
 
     info = client.get_round()
     fields = dict(model_version=info.model_version, model_sha256=info.model_sha256, round=info.round, domain=domain)
@@ -82,7 +82,7 @@ def submit(client, key, payload: bytes, domain: str = "math", **overrides):
 
 
 def register(client, key, payload_path: Path, domain: str = "math", name: str = "gsm8k-part"):
-    from protocol.client import sign_upload
+    from expertmesh.protocol.client import sign_upload
 
     info = client.get_round()
     envelope = sign_upload("dataset", key, payload_path, model_version=info.model_version,
@@ -100,14 +100,14 @@ def run_until(node, predicate, max_steps: int = 50):
 
 
 class Daemon:
-    """`python -m node validator run` as a child process; stopped by pid, never by name."""
+    """`python -m expertmesh validator run` as a child process; stopped by pid, never by name."""
 
     def __init__(self, config: Path, log: Path, env: dict | None = None):
         self.log_path = log
         self._offset = log.stat().st_size if log.exists() else 0  # earlier runs' lines do not count
         self._log = open(log, "ab")
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "node", "validator", "run", "--config", str(config)],
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh", "validator", "run", "--config", str(config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
         self.address = self.wait_for("expertmesh-validator: serving on ").split()[-1]
 

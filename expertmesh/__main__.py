@@ -1,0 +1,3 @@
+from expertmesh.node.cli import main
+
+main()
