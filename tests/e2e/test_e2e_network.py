@@ -20,9 +20,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A suite started in the background (`make test &`, CI runners) hands its children SIGINT ignored,
+    # and Python then never turns it into KeyboardInterrupt; a program run in a terminal has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "expertmesh", "demo", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, preexec_fn=_sigint_as_in_a_terminal)
 
 
 def gone(pid: int) -> bool:

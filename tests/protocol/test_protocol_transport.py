@@ -202,11 +202,16 @@ def test_stalled_peer_is_cut_off_while_others_are_served(server, miner_key, delt
         stalled = pool.submit(raw_upload, server.address, stall(), 20.0)
         time.sleep(0.2)
         assert_serves()  # served while the stalled stream is open
-        t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            stalled.result(timeout=10)
+            stalled.result(timeout=30)
         release.set()
-    assert err.value.code() == grpc.StatusCode.CANCELLED and time.monotonic() - t0 < 5
+    # CANCELLED is the idle watchdog's cut (the client's own 20 s deadline would be DEADLINE_EXCEEDED).
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    # The handler removes its partial spool file as it unwinds, which may be after the client has
+    # seen the cancellation: wait for that, not for a guess of how long it takes.
+    deadline = time.monotonic() + 60
+    while list(server.spool_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not list(server.spool_dir.iterdir())
     # the stream was cut, never completed: a retry of the same signed envelope is a resubmission, taken once
     with ValidatorClient(server.address) as c:
