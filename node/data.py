@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-FORMATS = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt", "a save_to_disk directory")
+FORMATS = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt", ".txt.gz", "a save_to_disk directory")
 
 
 class DataError(ValueError):
@@ -27,7 +27,7 @@ class DataError(ValueError):
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
+    return next((s for s in (".jsonl.gz", ".txt.gz") if name.endswith(s)), path.suffix.lower())
 
 
 def _jsonl(lines: Iterable[str], path: Path) -> Iterator[dict]:
@@ -43,16 +43,15 @@ def _jsonl(lines: Iterable[str], path: Path) -> Iterator[dict]:
         yield rec
 
 
-def _txt(path: Path) -> Iterator[dict]:
+def _txt(lines: Iterable[str]) -> Iterator[dict]:
     """A plain text file: one record per blank-line-separated paragraph."""
     para: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                para.append(line.rstrip("\n"))
-            elif para:
-                yield {"text": "\n".join(para)}
-                para = []
+    for line in lines:
+        if line.strip():
+            para.append(line.rstrip("\n"))
+        elif para:
+            yield {"text": "\n".join(para)}
+            para = []
     if para:
         yield {"text": "\n".join(para)}
 
@@ -107,7 +106,11 @@ def read_records(path: str | Path) -> Iterator[dict]:
             for batch in pf.iter_batches(batch_size=1024):
                 yield from batch.to_pylist()
         elif kind == ".txt":
-            yield from _txt(path)
+            with open(path, encoding="utf-8") as f:
+                yield from _txt(f)
+        elif kind == ".txt.gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                yield from _txt(f)
         else:
             raise DataError(f"{path}: unsupported format {kind or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
     except UnicodeDecodeError as exc:

@@ -10,7 +10,7 @@ import sysconfig
 from pathlib import Path
 
 from expertmesh.node.data import iter_texts
-from expertmesh.node.paths import shared_data_dir
+from expertmesh.node.paths import corpus
 
 DOMAINS = ("math", "literature", "code")
 MATH_TEMPLATE = "{question}\n{answer}"
@@ -45,11 +45,10 @@ def stdlib_texts(max_chars: int = 1500) -> list[str]:
 
 
 def domain_texts(domain: str) -> list[str]:
-    data = shared_data_dir()
     if domain == "math":
-        return list(iter_texts(data / "gsm8k_train.jsonl", template=MATH_TEMPLATE))
+        return list(iter_texts(corpus("gsm8k_train.jsonl"), template=MATH_TEMPLATE))
     if domain == "literature":
-        return list(iter_texts(data / "tinyshakespeare.txt"))
+        return list(iter_texts(corpus("tinyshakespeare.txt")))
     if domain == "code":
         return stdlib_texts()
     raise ValueError(f"unknown domain {domain!r}; built-in domains are {', '.join(DOMAINS)}")

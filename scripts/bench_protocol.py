@@ -87,15 +87,18 @@ def bench_throughput(size_mb: int, repeats: int) -> None:
 
 def train_real_delta(steps: int = 40) -> Path:
     """A real ESFT delta of the shipped model: profile, select and train on 1,000 GSM8K records."""
+    import itertools
+    import json
     import tempfile
 
     from expertmesh.node.domains import MATH_TEMPLATE
     from expertmesh.node.jobs import run_profile, run_select, run_train
-    from expertmesh.node.paths import shared_data_dir
+    from expertmesh.node.data import read_records
+    from expertmesh.node.paths import corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-delta-"))
-    lines = (shared_data_dir() / "gsm8k_train.jsonl").read_text().splitlines()[:1000]
-    (tmp / "math.jsonl").write_text("\n".join(lines) + "\n")
+    records = itertools.islice(read_records(corpus("gsm8k_train.jsonl")), 1000)
+    (tmp / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run_profile(tmp / "math.jsonl", tmp / "profile.json", template=MATH_TEMPLATE, tokens=32_768)
     run_select(tmp / "profile.json", tmp / "experts.json")
     run_train(tmp / "math.jsonl", tmp / "experts.json", steps, tmp / "run", template=MATH_TEMPLATE, log_every=10**9)

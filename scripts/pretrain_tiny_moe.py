@@ -2,8 +2,8 @@
 
   python scripts/pretrain_tiny_moe.py [--out node/assets/tiny-moe] [--steps 2200]
 
-Domains: literature (../shared/data/tinyshakespeare.txt), math (../shared/data/gsm8k_train.jsonl,
-question + answer) and code (the Python standard library's sources). A fixed 5% of each domain,
+Domains: literature (Tiny Shakespeare), math (GSM8K train, question + answer), both shipped in
+node/assets/data (EXPERTMESH_DATA points elsewhere), and code (the Python standard library's sources). A fixed 5% of each domain,
 chosen by content hash (node.data.is_heldout), is held out and never trained on. Writes a
 transformers checkpoint (bf16 safetensors, to stay small), the tokenizer, pretrain.json and a README.
 """

@@ -1,3 +1,5 @@
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +13,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    from expertmesh.node.paths import shared_data_dir
+def gsm8k() -> list[dict]:
+    """The first 2,000 GSM8K train records ({"question", "answer"}), from the corpus the package ships."""
+    from expertmesh.node.data import read_records
+    from expertmesh.node.paths import corpus
 
-    return shared_data_dir()  # raises with a clear message when ../shared is missing
+    return list(itertools.islice(read_records(corpus("gsm8k_train.jsonl")), 2000))
+
+
+@pytest.fixture(scope="session")
+def write_gsm8k(gsm8k):
+    """write_gsm8k(path, n) -> path: the first n of those records as a JSON Lines file."""
+    def write(path: Path, n: int) -> Path:
+        path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k[:n]))
+        return path
+
+    return write
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from expertmesh.node.domains import MATH_TEMPLATE, stdlib_texts
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.jobs import data_rows
 from expertmesh.node.moe import load_model
-from expertmesh.node.paths import shared_data_dir
+from expertmesh.node.paths import corpus
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,13 @@ class DomainSource:
 
 def domain_sources(data_dir: Path) -> dict[str, DomainSource]:
     """math = GSM8K (template), literature = Tiny Shakespeare, code = the Python stdlib (written to data_dir)."""
-    shared = shared_data_dir()
     code = data_dir / "python-stdlib.jsonl"
     if not code.exists():
         from expertmesh.node.domains import write_domain_file
 
         write_domain_file("code", code, stdlib_texts())
-    return {"math": DomainSource("math", shared / "gsm8k_train.jsonl", MATH_TEMPLATE),
-            "literature": DomainSource("literature", shared / "tinyshakespeare.txt"),
+    return {"math": DomainSource("math", corpus("gsm8k_train.jsonl"), MATH_TEMPLATE),
+            "literature": DomainSource("literature", corpus("tinyshakespeare.txt")),
             "code": DomainSource("code", code)}
 
 

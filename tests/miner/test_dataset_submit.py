@@ -18,9 +18,8 @@ TEMPLATE = "{question}\n{answer}"
 
 
 @pytest.fixture(scope="module")
-def records(shared_data):
-    with open(shared_data / "gsm8k_train.jsonl", encoding="utf-8") as f:
-        return [json.loads(next(f)) for _ in range(120)]
+def records(gsm8k):
+    return gsm8k[:120]
 
 
 def _write(kind: str, dest, records):

@@ -88,10 +88,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_second_miner_on_a_held_state_directory_exits_2_naming_the_holder(tmp_path, key_file, shared_data, cli):
-    data = tmp_path / "math.jsonl"
-    with open(shared_data / "gsm8k_train.jsonl", encoding="utf-8") as src:
-        data.write_text("".join(next(src) for _ in range(50)))
+def test_a_second_miner_on_a_held_state_directory_exits_2_naming_the_holder(tmp_path, key_file, write_gsm8k, cli):
+    data = write_gsm8k(tmp_path / "math.jsonl", 50)
     config = tmp_path / "miner.toml"  # no validator listens there: the miner retries, holding its state
     config.write_text(f"""
 domain = "math"

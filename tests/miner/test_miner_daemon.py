@@ -76,10 +76,8 @@ def test_no_validator_is_one_line_per_try_with_backoff(tmp_path, key_file):
     assert run.lines()[-1].endswith("miner: stopped") and "Traceback" not in run.out.getvalue()
 
 
-def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_file, fake, shared_data):
-    data = tmp_path / "math.jsonl"
-    with open(shared_data / "gsm8k_train.jsonl", encoding="utf-8") as src:
-        data.write_text("".join(next(src) for _ in range(120)))
+def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_file, fake, write_gsm8k):
+    data = write_gsm8k(tmp_path / "math.jsonl", 120)
     port = free_port()
     cfg = config(tmp_path, key_file, fake.address,
                  data={"path": str(data), "template": "{question}\n{answer}", "max_tokens": 8192},

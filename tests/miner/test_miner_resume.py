@@ -29,10 +29,8 @@ STEPS, EVERY = 8, 2
 
 
 @pytest.fixture
-def miner_config(tmp_path, fake, key_file, shared_data):
-    data = tmp_path / "math.jsonl"
-    with open(shared_data / "gsm8k_train.jsonl", encoding="utf-8") as src:
-        data.write_text("".join(next(src) for _ in range(400)))
+def miner_config(tmp_path, fake, key_file, write_gsm8k):
+    data = write_gsm8k(tmp_path / "math.jsonl", 400)
     path = tmp_path / "miner.toml"
     path.write_text(f"""
 domain = "math"

@@ -9,11 +9,8 @@ TEMPLATE = "{question}\n{answer}"
 
 
 @pytest.fixture(scope="module")
-def math_file(tmp_path_factory, shared_data):
-    path = tmp_path_factory.mktemp("data") / "math.jsonl"
-    lines = (shared_data / "gsm8k_train.jsonl").read_text().splitlines()[:600]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def math_file(tmp_path_factory, write_gsm8k):
+    return write_gsm8k(tmp_path_factory.mktemp("data") / "math.jsonl", 600)
 
 
 def test_profile_select_train(cli, math_file, tmp_path):

@@ -1,5 +1,9 @@
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +82,53 @@ def test_pack_rows():
     rows = pack([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0)
     assert rows.tolist() == [[1, 2, 3], [0, 4, 5]]
     assert pack([[1] * 10], seq_len=4, eos_id=0, max_tokens=8).shape == (2, 4)
+
+
+def test_txt_gz_reads_like_txt(tmp_path):
+    text = "first paragraph\nstill first\n\nsecond\n\n\nthird\n"
+    (tmp_path / "d.txt").write_text(text)
+    with gzip.open(tmp_path / "d.txt.gz", "wt") as f:
+        f.write(text)
+    assert list(iter_texts(tmp_path / "d.txt")) == list(iter_texts(tmp_path / "d.txt.gz")) == \
+        ["first paragraph\nstill first", "second", "third"]
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+LOAD_DEMO_DATA = f"""
+import sys
+shared = {str(SHARED)!r}
+def refuse(event, args):  # ../shared is unreachable for this process: any open of it fails
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(shared):
+        raise PermissionError("opened " + args[0])
+sys.addaudithook(refuse)
+from pathlib import Path
+from expertmesh.node.demo.heldout import domain_sources
+from expertmesh.node.paths import SHIPPED_DATA
+sources = domain_sources(Path(sys.argv[1]))
+for name, src in sources.items():
+    print(name, len(src.texts()), src.path.is_relative_to(SHIPPED_DATA) or src.path.is_relative_to(sys.argv[1]))
+"""
+
+
+def test_the_demo_data_ships_in_the_package_and_needs_no_shared_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "EXPERTMESH_DATA"}
+    r = subprocess.run([sys.executable, "-c", LOAD_DEMO_DATA, str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    counts = {name: (int(n), ok == "True") for name, n, ok in (l.split() for l in r.stdout.splitlines())}
+    assert counts["math"] == (7473, True)  # GSM8K train has 7,473 problems
+    assert counts["literature"][0] > 7000 and counts["literature"][1]
+    assert counts["code"][0] > 1000 and counts["code"][1]
+
+
+def test_expertmesh_data_points_elsewhere_and_a_bad_one_is_one_clear_error(tmp_path, monkeypatch):
+    from expertmesh.node.paths import corpus
+
+    (tmp_path / "gsm8k_train.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
+    monkeypatch.setenv("EXPERTMESH_DATA", str(tmp_path))
+    assert corpus("gsm8k_train.jsonl") == tmp_path / "gsm8k_train.jsonl"
+    with pytest.raises(FileNotFoundError, match="tinyshakespeare.txt.gz nor tinyshakespeare.txt"):
+        corpus("tinyshakespeare.txt")
+    monkeypatch.setenv("EXPERTMESH_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        corpus("gsm8k_train.jsonl")

@@ -19,12 +19,10 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def math_texts(shared_data) -> list[str]:
-    from expertmesh.node.data import iter_texts
+def math_texts(gsm8k) -> list[str]:
     from expertmesh.node.domains import MATH_TEMPLATE
 
-    texts = iter_texts(shared_data / "gsm8k_train.jsonl", template=MATH_TEMPLATE)
-    return [t for _, t in zip(range(2000), texts)]
+    return [MATH_TEMPLATE.format(**r) for r in gsm8k]
 
 
 @pytest.fixture(scope="session")
