@@ -183,7 +183,7 @@ def bootstrap(
         dht.shutdown()
 
 
-# --- validator (issue 4) ---------------------------------------------------------------------------
+# --- validator -------------------------------------------------------------------------------------
 validator_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run a validator.")
 app.add_typer(validator_app, name="validator")
 
@@ -215,12 +215,12 @@ def status(
     """Show a validator's round, model version and miner leaderboard."""
     from rich.console import Console
 
-    from expertmesh.validator.statusview import fetch_status, render
+    from expertmesh.node.statusview import fetch_status, render
 
     render(fetch_status(validator, timeout), Console())
 
 
-# --- miner, dataset submission, local network (issue 5) -------------------------------------------
+# --- miner, dataset submission, local network -----------------------------------------------------
 miner_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run a miner.")
 app.add_typer(miner_app, name="miner")
 dataset_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Register and list domain datasets.")

@@ -48,7 +48,7 @@ def load_or_create_key(cfg: ValidatorConfig) -> Ed25519PrivateKey:
 
 
 @dataclass
-class Node:
+class ValidatorNode:
     """The composed validator; each part is usable alone (tests build parts of it directly)."""
 
     cfg: ValidatorConfig
@@ -63,7 +63,7 @@ class Node:
     service: ValidatorService
 
 
-def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Node:
+def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> ValidatorNode:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # e.g. 1 where other work shares the cores: spinning threads stall
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -91,10 +91,10 @@ def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Node:
     scheduler = Scheduler(cfg, ledger, book, runtime, registry, spool, metrics, hooks or PhaseHooks.from_env())
     intake = Intake(ledger, book, spool, registry, cfg, metrics)
     service = ValidatorService(intake, ledger, book, registry, checkpoints, identity.public_bytes(key))
-    return Node(cfg, key, ledger, registry, spool, book, runtime, metrics, scheduler, service)
+    return ValidatorNode(cfg, key, ledger, registry, spool, book, runtime, metrics, scheduler, service)
 
 
-def serve(node: Node, stop: threading.Event) -> None:
+def serve(node: ValidatorNode, stop: threading.Event) -> None:
     """Run until `stop` is set: the server answers peers while the scheduler works through rounds."""
     cfg = node.cfg
     s = cfg.server
@@ -132,12 +132,12 @@ def serve(node: Node, stop: threading.Event) -> None:
         log.info("stopped")
 
 
-def _announced(node: Node) -> Announced:
+def _announced(node: ValidatorNode) -> Announced:
     info = node.service.current_round()
     return Announced(info.model_version, info.model_sha256, info.round, info.domains)
 
 
-def _loop(node: Node, stop: threading.Event) -> None:
+def _loop(node: ValidatorNode, stop: threading.Event) -> None:
     backoff = 1.0
     while not stop.is_set():
         node.metrics.round.set(node.book.current().round)
