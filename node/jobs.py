@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from expertmesh.node.data import iter_texts, pack, split, tokenize
 from expertmesh.node.evaluate import mean_loss
-from expertmesh.node.files import file_sha256
+from expertmesh.node.files import atomic_write, file_sha256
 from expertmesh.node.moe import MoEModel, load_model, read_config
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.node.profile import RoutingProfile, batches
@@ -143,7 +143,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(doc, indent=1) + "\n")

@@ -9,7 +9,6 @@ for the selected slices only. Tensors in, tensors out: checkpoint files are writ
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 from expertmesh.kernels import expert_ffn
 from expertmesh.node.defaults import DEFAULT_LR
-from expertmesh.node.files import fsync_path
+from expertmesh.node.files import atomic_write, fsync_path
 from expertmesh.node.moe import MoEModel
 from expertmesh.protocol.names import expert_key
 
@@ -152,12 +151,8 @@ class Trainer:
             fsync_path(path / files[name])
         meta = {"step": self.step, "losses": self.losses, "config": asdict(self.cfg), "files": files,
                 "selection": {str(l): ids for l, ids in self.sel.selection.items()}, **(extra or {})}
-        tmp = path / "state.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        fsync_path(tmp)
-        os.replace(tmp, path / "state.json")
-        fsync_path(path)
-        for f in path.glob("*.safetensors"):
+        atomic_write(path / "state.json", json.dumps(meta))
+        for f in [*path.glob("*.safetensors"), *path.glob(".state.json.*.tmp")]:  # what a killed save left
             if f.name not in files.values():
                 f.unlink()
 

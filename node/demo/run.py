@@ -16,6 +16,7 @@ from pathlib import Path
 from expertmesh.node.demo.network import (DemoSettings, miner_domains, register_domains, start_bootstrap, start_miner,
                                start_validator)
 from expertmesh.node.demo.procs import DemoError, Supervisor
+from expertmesh.node.files import atomic_write
 from expertmesh.node.locks import hold_state_dir
 from expertmesh.node.demo.report import RoundReport, summary, table
 
@@ -179,7 +180,4 @@ class Network:
 
     def _write_json(self) -> None:
         if self.opts.json_path is not None:
-            self.opts.json_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.opts.json_path.with_name(self.opts.json_path.name + ".tmp")
-            tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
-            tmp.replace(self.opts.json_path)
+            atomic_write(self.opts.json_path, json.dumps(self.doc, indent=1) + "\n")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertmesh.node.data import pack, tokenize
-from expertmesh.node.files import file_sha256
+from expertmesh.node.files import atomic_write, file_sha256
 from expertmesh.node.miner.config import MinerConfig
 from expertmesh.node.miner.data import DomainData
 from expertmesh.node.miner.progress import Progress
@@ -35,12 +35,6 @@ def _key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:20]
 
 
-def _atomic_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(path)
-
-
 def token_rows(tokenizer, model_dir: Path, data: DomainData, cfg: MinerConfig, cache: Path) -> torch.Tensor:
     tok_id = file_sha256(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else model_dir.name
     path = cache / f"rows-{_key(data.digest, tok_id, cfg.data.max_tokens, cfg.train.seq_len)}.safetensors"
@@ -51,10 +45,7 @@ def token_rows(tokenizer, model_dir: Path, data: DomainData, cfg: MinerConfig, c
     if rows_NL.shape[0] == 0:
         raise ValueError(f"{data.source}: fewer than {cfg.train.seq_len} tokens outside the held-out split; "
                          "a miner needs more data")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"rows": rows_NL.contiguous()}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({"rows": rows_NL.contiguous()}, tmp))
     return rows_NL
 
 
@@ -77,8 +68,8 @@ def select_for(moe: MoEModel, rows_NL: torch.Tensor, version_tag: str, data: Dom
 
     profile = RoutingProfile(moe).run(batches()).to_json()
     chosen = select_experts(profile, s.score, s.p, s.min_per_layer, s.max_per_layer or None)
-    cache.mkdir(parents=True, exist_ok=True)
-    _atomic_json(path, {"version": version_tag, "data": data.digest, "profile": profile, "experts": to_esft_json(chosen)})
+    atomic_write(path, json.dumps({"version": version_tag, "data": data.digest, "profile": profile,
+                                   "experts": to_esft_json(chosen)}))
     return chosen, key
 
 

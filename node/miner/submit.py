@@ -10,7 +10,6 @@ before any work on a round: the miner never submits twice for one round.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from expertmesh.node.files import atomic_write
 from expertmesh.node.miner.config import CodecSection
 from expertmesh.node.miner.locate import CannotTakePart
 from expertmesh.protocol.client import ValidatorClient, sign_upload
@@ -27,15 +27,6 @@ from expertmesh.protocol.types import Receipt, RoundInfo, SignedEnvelope
 
 # Refusals that are final for this round: record them and wait for the next one.
 FINAL_CODES = {"FAILED_PRECONDITION", "INVALID_ARGUMENT", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 class SubmissionBook:
@@ -50,7 +41,7 @@ class SubmissionBook:
 
     def record(self, round_number: int, entry: dict) -> None:
         self._doc[str(round_number)] = entry | {"time_ms": int(time.time() * 1000)}
-        _atomic_write(self.path, json.dumps(self._doc, indent=1, sort_keys=True).encode())
+        atomic_write(self.path, json.dumps(self._doc, indent=1, sort_keys=True).encode())
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ class Outbox:
     def prepare(self, work_dir: Path, delta: dict[str, torch.Tensor], rnd: RoundInfo, tokens: int,
                 data_digest: str) -> Prepared:
         enc = encode_delta(delta, DeltaMeta(rnd.model_version, tokens, data_digest), self.codec, self._residual())
-        _atomic_write(work_dir / "delta.safetensors", enc.payload)
+        atomic_write(work_dir / "delta.safetensors", enc.payload)
         # Always written, even empty: a codec without rounding (fp32) consumes the old residual too.
         save_file({k: v.contiguous() for k, v in enc.residual.items()}, work_dir / "residual.next.safetensors")
         return self._sign(work_dir, rnd.round, rnd.model_version, rnd.model_sha256)
@@ -84,7 +75,7 @@ class Outbox:
                           round=round_number, domain=self.domain)
         doc = {"round": round_number, "model_version": version, "model_sha256": model_sha256.hex(),
                "body": env.body.hex(), "signature": env.signature.hex()}
-        _atomic_write(work_dir / "envelope.json", json.dumps(doc).encode())
+        atomic_write(work_dir / "envelope.json", json.dumps(doc).encode())
         return Prepared(work_dir, round_number, version, payload, env)
 
     def load(self, work_dir: Path) -> Prepared | None:

@@ -49,7 +49,7 @@ def test_an_interrupted_save_leaves_the_previous_state_usable(tmp_path):
     first.save_state(tmp_path / "state")
     # what a kill during the next save leaves: new tensor files and a half-written commit record
     (tmp_path / "state" / "trainable-3.safetensors").write_bytes(b"partial")
-    (tmp_path / "state" / "state.json.tmp").write_text("{")
+    (tmp_path / "state" / ".state.json.k1ll3d.tmp").write_text("{")
     _, second = fresh(cfg)
     second.load_state(tmp_path / "state")
     assert second.step == 2
