@@ -242,14 +242,15 @@ def miner_run(
     key: Optional[Path] = typer.Option(None, "--key", help="override key"),
     steps: Optional[int] = typer.Option(None, "--steps", help="override train.steps (H)"),
     max_rounds: Optional[int] = typer.Option(None, "--max-rounds", help="override loop.max_rounds"),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="override metrics.port (0: off)"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve /metrics on this port (0: any free port)"),
 ) -> None:
     """Train a domain's experts each round and submit the signed delta; stop with SIGTERM."""
     from expertmesh.node.miner.config import load_config
 
     overrides = {"validator.address": validator, "validator.initial_peers": initial_peer or None, "domain": domain,
                  "data.path": _abs(data), "state_dir": _abs(state_dir), "key": _abs(key), "train.steps": steps,
-                 "loop.max_rounds": max_rounds, "metrics.port": metrics_port}
+                 "loop.max_rounds": max_rounds, "metrics.port": metrics_port,
+                 "metrics.enabled": True if metrics_port is not None else None}
     cfg = load_config(config, overrides)  # before the heavy imports: a bad config fails at once
     from expertmesh.node.miner.daemon import run_miner
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -21,6 +22,18 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricsSection(Section):
+    """Prometheus /metrics, the same on every daemon: served when `enabled`, which a nonzero port implies."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0: any free port (logged at start) when enabled")
+
+    @model_validator(mode="after")
+    def _port_enables(self) -> "MetricsSection":
+        return self.model_copy(update={"enabled": True}) if self.port and not self.enabled else self
 
 
 def read_toml(path: Path, example_hint: str) -> dict:
@@ -54,3 +67,17 @@ def validate(model: type[M], doc: dict, overrides: dict[str, Any] | None, label:
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{label} config: {where}: {first['msg']}{more}") from None
+
+
+def parse(model: type[M], doc: dict, overrides: dict[str, Any] | None, label: str, base_dir: Path | None,
+          resolve: Callable[[M, Path], M]) -> M:
+    """Validate, then make the config's relative paths relative to `base_dir` (the config file's folder)."""
+    cfg = validate(model, doc, overrides, label)
+    return resolve(cfg, base_dir) if base_dir is not None else cfg
+
+
+def load(model: type[M], path: Path, overrides: dict[str, Any] | None, label: str, example_hint: str,
+         resolve: Callable[[M, Path], M]) -> M:
+    """A component's config from its TOML file, CLI overrides applied, paths relative to the file."""
+    path = Path(path)
+    return parse(model, read_toml(path, example_hint), overrides, label, path.resolve().parent, resolve)

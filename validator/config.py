@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from expertmesh.node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
+from expertmesh.node.tomlconfig import ConfigError, MetricsSection, Section, load, parse  # noqa: F401  (ConfigError: part of this module's API)
 
 from expertmesh.protocol.types import DOMAIN_RE
 
@@ -86,12 +86,6 @@ class DhtSection(Section):
     announce_every_s: float = Field(60.0, ge=1, le=3600)
 
 
-class MetricsSection(Section):
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
-
-
 class LogSection(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -127,8 +121,7 @@ class ValidatorConfig(Section):
 
 def parse_config(doc: dict, overrides: dict[str, Any] | None = None, base_dir: Path | None = None) -> ValidatorConfig:
     """Validate a config document; `overrides` maps dotted field names to values (CLI flags)."""
-    cfg = validate(ValidatorConfig, doc, overrides, "validator")
-    return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+    return parse(ValidatorConfig, doc, overrides, "validator", base_dir, _resolve_paths)
 
 
 def _resolve_paths(cfg: ValidatorConfig, base: Path) -> ValidatorConfig:
@@ -140,6 +133,4 @@ def _resolve_paths(cfg: ValidatorConfig, base: Path) -> ValidatorConfig:
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ValidatorConfig:
-    path = Path(path)
-    doc = read_toml(path, "see docs/validator.md for an example")
-    return parse_config(doc, overrides, base_dir=path.resolve().parent)
+    return load(ValidatorConfig, path, overrides, "validator", "see docs/validator.md for an example", _resolve_paths)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from expertmesh.node.tomlconfig import ConfigError, Section, read_toml, validate  # noqa: F401  (ConfigError: part of this module's API)
+from expertmesh.node.tomlconfig import ConfigError, MetricsSection, Section, load, parse  # noqa: F401  (ConfigError: part of this module's API)
 from expertmesh.protocol.types import DOMAIN_RE
 
 ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
@@ -89,11 +89,6 @@ class LoopSection(Section):
         return self
 
 
-class MetricsSection(Section):
-    port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0: off")
-    host: str = "127.0.0.1"
-
-
 class MinerConfig(Section):
     domain: str = Field(..., description="the domain this miner trains, e.g. math")
     key: Path = Field(..., description="Ed25519 key file (`expertmesh keygen --out miner.key`)")
@@ -120,8 +115,7 @@ class MinerConfig(Section):
 
 def parse_config(doc: dict, overrides: dict[str, Any] | None = None, base_dir: Path | None = None) -> MinerConfig:
     """Validate a config document; `overrides` maps dotted field names to values (CLI flags; None: unset)."""
-    cfg = validate(MinerConfig, doc, overrides, "miner")
-    return _resolve_paths(cfg, base_dir) if base_dir is not None else cfg
+    return parse(MinerConfig, doc, overrides, "miner", base_dir, _resolve_paths)
 
 
 def _resolve_paths(cfg: MinerConfig, base: Path) -> MinerConfig:
@@ -132,6 +126,4 @@ def _resolve_paths(cfg: MinerConfig, base: Path) -> MinerConfig:
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> MinerConfig:
-    path = Path(path)
-    doc = read_toml(path, "README.md (Run a miner) has an example")
-    return parse_config(doc, overrides, base_dir=path.resolve().parent)
+    return load(MinerConfig, path, overrides, "miner", "README.md (Run a miner) has an example", _resolve_paths)

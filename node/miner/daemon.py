@@ -191,7 +191,7 @@ def run_miner(cfg: MinerConfig) -> int:
             miner.locator.join()  # before any thread starts (see Locator.join); a failure is retried in the loop
         except CannotTakePart as exc:
             progress.line(f"not taking part yet: {exc}")
-        if cfg.metrics.port:
+        if cfg.metrics.enabled:
             port = metrics.serve(cfg.metrics.host, cfg.metrics.port)
             progress.line(f"metrics on http://{cfg.metrics.host}:{port}/metrics")
         try:

@@ -1,6 +1,6 @@
 """Prometheus metrics of one miner, in its own registry (no process-global collectors).
 
-Served over HTTP only when metrics.port is set (0: off), on metrics.host (loopback by default).
+Served over HTTP only when metrics is enabled (a nonzero metrics.port implies it), on metrics.host (loopback by default).
 """
 from __future__ import annotations
 

@@ -78,3 +78,12 @@ def test_readme_validator_example_is_a_valid_validator_config(tmp_path):
     (tmp_path / "validator.toml").write_text(block.group(1))
     cfg = load_validator_config(tmp_path / "validator.toml")
     assert cfg.dht.enabled and cfg.server.port == 50051 and cfg.state_dir == tmp_path / "validator-state"
+
+
+@pytest.mark.parametrize("metrics, served, port", [({}, False, 0), ({"port": 9100}, True, 9100),
+                                                   ({"enabled": True}, True, 0)])
+def test_the_metrics_section_means_the_same_on_miner_and_validator(metrics, served, port):
+    from expertmesh.validator.config import parse_config as parse_validator
+
+    for cfg in (parse_config({**MINIMAL, "metrics": metrics}), parse_validator({"metrics": metrics})):
+        assert (cfg.metrics.enabled, cfg.metrics.port) == (served, port)
