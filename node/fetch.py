@@ -2,9 +2,7 @@
 
 Trust runs one way: the manifest's sha256 comes from the round (GetRound's model_sha256, which the
 miner also signs into its submission), the manifest lists every file's sha256 and size, and each
-file is refused unless its bytes hash to that. File names come from the network too, so only plain
-relative names of known, non-executable kinds are accepted (weights in safetensors only: a pickle
-or .bin file in a manifest is refused, never loaded).
+file is refused unless its bytes hash to that (the format and its name rules: protocol.manifest).
 
 Cache: one directory per (version, manifest sha256), safe for any number of processes at once
 (CheckpointCache says how). Files land in a hidden partial directory and survive an interrupted
@@ -14,60 +12,14 @@ every file verifies.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from expertmesh.node.files import file_sha256
 from expertmesh.node.locks import FileLock
+from expertmesh.protocol import manifest as mf
+from expertmesh.protocol.manifest import MANIFEST, Manifest, ManifestError
 from expertmesh.protocol.types import CheckpointRef
-
-MANIFEST = "manifest.json"
-# What a checkpoint may hold: weights (safetensors), configs, tokenizer files. Nothing executable.
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".model", ".jinja", ".tiktoken")
-_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
-_NAME = re.compile(rf"^{_PART}(/{_PART}){{0,3}}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class CheckpointError(ValueError):
-    """A manifest or checkpoint file that does not verify; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    version: int
-    sha256: bytes  # of the manifest file itself
-    files: dict[str, tuple[str, int]]  # name -> (sha256 hex, size)
-    doc: dict
-
-
-def parse_manifest(data: bytes, sha256: bytes, version: int | None = None) -> Manifest:
-    """Check a manifest's structure and names; CheckpointError naming the first problem."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"manifest is not JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict) or not isinstance(doc.get("version"), int):
-        raise CheckpointError('manifest lacks an integer "version" or a "files" object')
-    if version is not None and doc["version"] != version:
-        raise CheckpointError(f"manifest is for version {doc['version']}, not the requested {version}")
-    files: dict[str, tuple[str, int]] = {}
-    for name, meta in doc["files"].items():
-        if not _NAME.fullmatch(name) or name == MANIFEST or not name.endswith(ALLOWED_SUFFIXES):
-            raise CheckpointError(f"manifest lists {name[:80]!r}: not a plain relative name of an allowed kind "
-                                  f"({', '.join(ALLOWED_SUFFIXES)})")
-        sha, size = (meta.get("sha256"), meta.get("size")) if isinstance(meta, dict) else (None, None)
-        if not isinstance(sha, str) or not _HEX64.match(sha) or not isinstance(size, int) or size < 0:
-            raise CheckpointError(f"manifest entry {name!r} lacks a sha256 (64 hex) or a size")
-        files[name] = (sha, size)
-    if not any(n.endswith(".safetensors") for n in files) or "config.json" not in files:
-        raise CheckpointError("manifest lists no config.json or no safetensors weights")
-    return Manifest(doc["version"], sha256, files, doc)
-
 
 Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes total)
 
@@ -154,7 +106,7 @@ class CheckpointCache:
         todo = self._bad_files(part, manifest, wanted, repair=True)
         total = sum(manifest.files[n][1] for n in todo)
         if total > self.max_bytes:
-            raise CheckpointError(f"version {version} needs {total} bytes, over this node's limit of {self.max_bytes}")
+            raise ManifestError(f"version {version} needs {total} bytes, over this node's limit of {self.max_bytes}")
         done = 0
         for name in todo:
             if stop():
@@ -178,21 +130,15 @@ class CheckpointCache:
             if repair:
                 path.unlink()
             return None
-        return parse_manifest(data, sha256, version)
+        return mf.parse(data, sha256, version)
 
     def _bad_files(self, directory: Path, manifest: Manifest, wanted: Callable[[str], bool],
                    repair: bool) -> list[str]:
         """Wanted files that are missing or do not match the manifest (removed if `repair`)."""
-        bad = []
-        for name, (sha, size) in sorted(manifest.files.items()):
-            if not wanted(name):
-                continue
-            path = directory / name
-            if path.is_file() and path.stat().st_size == size and file_sha256(path) == sha:
-                continue
-            if repair:
-                path.unlink(missing_ok=True)
-            bad.append(name)
+        bad = mf.bad_files(directory, manifest, wanted)
+        if repair:
+            for name in bad:
+                (directory / name).unlink(missing_ok=True)
         return bad
 
     def _prune(self, current: Path) -> None:

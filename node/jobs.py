@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from expertmesh.node.data import iter_texts, pack, split, tokenize
 from expertmesh.node.evaluate import mean_loss
-from expertmesh.node.files import atomic_write, file_sha256
+from expertmesh.protocol.files import atomic_write, file_sha256
 from expertmesh.node.moe import MoEModel, load_model, read_config
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.node.profile import RoutingProfile, batches

@@ -5,11 +5,11 @@ per miner), fetched like any miner would; what the validator sends is checked be
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertmesh.protocol import manifest as mf
 from expertmesh.protocol.client import ClientConfig, ValidatorClient
 from expertmesh.protocol.types import NodeStatus, RoundInfo
 
@@ -38,12 +38,9 @@ def fetch_status(address: str, timeout_s: float = 10.0) -> StatusView:
     with ValidatorClient(address, ClientConfig(call_timeout_s=timeout_s, download_timeout_s=timeout_s)) as client:
         status, info = client.status(), client.get_round()
         with tempfile.TemporaryDirectory(prefix="expertmesh-status-") as tmp:
-            client.fetch_manifest(Path(tmp) / "manifest.json")
-            try:
-                manifest = json.loads((Path(tmp) / "manifest.json").read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ValueError("the validator's manifest is not JSON") from None
-    return StatusView(status, info, _leaderboard(manifest))
+            client.fetch_manifest(Path(tmp) / mf.MANIFEST, info.model_version, info.model_sha256)
+            manifest = mf.read(Path(tmp), info.model_version)
+    return StatusView(status, info, _leaderboard(manifest.doc))
 
 
 def render(view: StatusView, console) -> None:

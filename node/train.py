@@ -19,7 +19,7 @@ from torch import nn
 
 from expertmesh.kernels import expert_ffn
 from expertmesh.node.defaults import DEFAULT_LR
-from expertmesh.node.files import atomic_write, fsync_path
+from expertmesh.protocol.files import atomic_write, fsync_path
 from expertmesh.node.moe import MoEModel
 from expertmesh.protocol.names import expert_key
 

@@ -8,7 +8,6 @@ inputs give a byte-identical directory.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -16,14 +15,9 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.node.files import file_sha256, fsync_path
-
-MANIFEST = "manifest.json"
-FORMAT = "expertmesh-manifest/1"
-
-
-class CheckpointError(ValueError):
-    """A published directory whose files do not match its manifest."""
+from expertmesh.protocol import manifest as mf
+from expertmesh.protocol.files import fsync_path
+from expertmesh.protocol.manifest import MANIFEST, ManifestError
 
 
 def version_dir(root: Path, version: int) -> Path:
@@ -43,11 +37,7 @@ def write_checkpoint(model: torch.nn.Module, tokenizer, root: Path, version: int
     model.config.dtype = torch.float32  # stock from_pretrained(dtype="auto") must not round the merge away
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    files = {}
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        files[f.relative_to(tmp).as_posix()] = {"sha256": file_sha256(f), "size": f.stat().st_size}
-    doc = {"format": FORMAT, "version": version, **manifest, "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    mf.write(tmp, version, manifest)
     for f in tmp.rglob("*"):
         fsync_path(f)
     fsync_path(tmp)
@@ -60,36 +50,16 @@ def write_checkpoint(model: torch.nn.Module, tokenizer, root: Path, version: int
     return final
 
 
-def read_manifest(directory: Path) -> dict:
-    try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory}: no readable {MANIFEST} ({exc})") from None
-
-
 def manifest_sha256(directory: Path) -> str:
-    return file_sha256(directory / MANIFEST)
-
-
-def verify_checkpoint(directory: Path) -> dict:
-    """The manifest, once every file it lists has its size and sha256 and nothing else is there."""
-    doc = read_manifest(directory)
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
-    if present != set(doc.get("files", {})):
-        raise CheckpointError(f"{directory}: files {sorted(present ^ set(doc.get('files', {})))} differ from the manifest")
-    for name, meta in doc["files"].items():
-        path = directory / name
-        if path.stat().st_size != meta["size"] or file_sha256(path) != meta["sha256"]:
-            raise CheckpointError(f"{directory}: {name} does not match its manifest sha256")
-    return doc
+    return mf.read(directory).sha256.hex()
 
 
 def manifest_file(directory: Path, name: str) -> Path:
     """The path of a file the manifest lists; anything else (../, absolute, unlisted) is refused."""
     if name == MANIFEST:
         return directory / MANIFEST
-    if name not in read_manifest(directory).get("files", {}):
-        raise CheckpointError(f"{name!r} is not a file of this checkpoint; see its manifest for the names")
+    if name not in mf.read(directory).files:
+        raise ManifestError(f"{name!r} is not a file of this checkpoint; see its manifest for the names")
     return directory / name
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from expertmesh.node.data import content_hash, is_heldout, iter_texts
 from expertmesh.validator.ledger import DatasetRow, Ledger
-from expertmesh.node.files import file_sha256
+from expertmesh.protocol.files import file_sha256
 
 
 class DatasetError(ValueError):

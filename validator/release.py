@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
 from expertmesh.validator.config import MergeSection
-from expertmesh.node.files import file_sha256, fsync_path
+from expertmesh.protocol.files import file_sha256, fsync_path
 from expertmesh.validator.judging import decode
 from expertmesh.validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
 from expertmesh.validator.merge import OuterConfig, WeightedMean, outer_step

@@ -13,7 +13,8 @@ from expertmesh.node.moe import MoEModel, load_model
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.validator.checks import expert_norms
 from expertmesh.validator.ledger import Ledger, VersionRow
-from expertmesh.validator.publish import manifest_sha256, verify_checkpoint, version_dir, write_checkpoint
+from expertmesh.protocol import manifest as mf
+from expertmesh.validator.publish import manifest_sha256, version_dir, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class ModelRuntime:
     def load(self, row: VersionRow) -> None:
         """Load a published version, checking its files against the manifest first."""
         directory = version_dir(self.checkpoints, row.version)
-        verify_checkpoint(directory)
+        mf.verify(directory)
         if manifest_sha256(directory) != row.manifest_sha256:
             raise ValueError(f"{directory}: manifest differs from the ledger's; the state directory was altered")
         self.moe, self.tokenizer = load_model(directory)

@@ -15,8 +15,10 @@ from expertmesh.protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetI
                             RoundInfo, RoundPhase, Submission)
 from expertmesh.validator.intake import Intake
 from expertmesh.validator.ledger import Ledger
-from expertmesh.node.files import file_sha256
-from expertmesh.validator.publish import MANIFEST, CheckpointError, manifest_file, read_manifest, version_dir
+from expertmesh.protocol.files import file_sha256
+from expertmesh.protocol import manifest as mf
+from expertmesh.protocol.manifest import MANIFEST, ManifestError
+from expertmesh.validator.publish import manifest_file, version_dir
 from expertmesh.validator.registry import DatasetError, Registry
 from expertmesh.validator.rounds import RoundBook
 
@@ -77,10 +79,10 @@ class ValidatorService(ValidatorBackend):
         directory = version_dir(self.checkpoints, self._live_version(ref.version))
         try:
             path = manifest_file(directory, ref.name)
-        except CheckpointError as exc:
+        except ManifestError as exc:
             raise Rejected("NOT_FOUND", str(exc)) from None
-        listed = read_manifest(directory)["files"].get(ref.name)
-        sha = listed["sha256"] if listed else file_sha256(path)  # listed files: no need to hash gigabytes again
+        listed = mf.read(directory).files.get(ref.name)
+        sha = listed[0] if listed else file_sha256(path)  # listed files: no need to hash gigabytes again
         return Blob(BlobHeader(name=ref.name, version=ref.version, size=path.stat().st_size, sha256=bytes.fromhex(sha)),
                     path)
 

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from expertmesh.node.files import fsync_path
+from expertmesh.protocol.files import fsync_path
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from expertmesh.node.demo.network import (DemoSettings, miner_domains, register_domains, start_bootstrap, start_miner,
                                start_validator)
 from expertmesh.node.demo.procs import DemoError, Supervisor
-from expertmesh.node.files import atomic_write
+from expertmesh.protocol.files import atomic_write
 from expertmesh.node.locks import hold_state_dir
 from expertmesh.node.demo.report import RoundReport, summary, table
 

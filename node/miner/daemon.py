@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.node.fetch import CheckpointCache, CheckpointError
+from expertmesh.node.fetch import CheckpointCache
 from expertmesh.node.locks import hold_state_dir
 from expertmesh.node.miner.config import MinerConfig
 from expertmesh.node.miner.data import DataSource, check_local
@@ -30,6 +30,7 @@ from expertmesh.node.moe import ModelError, load_model
 from expertmesh.protocol import identity
 from expertmesh.protocol.client import ClientConfig, ValidatorClient
 from expertmesh.protocol.errors import ProtocolError, RemoteError
+from expertmesh.protocol.manifest import ManifestError
 from expertmesh.protocol.types import RoundInfo, RoundPhase
 
 
@@ -95,7 +96,7 @@ class Miner:
                     self.stop.wait(wait)
                 except InterruptedError:
                     raise
-                except (RemoteError, ProtocolError, CheckpointError, ModelError, OSError) as exc:
+                except (RemoteError, ProtocolError, ManifestError, ModelError, OSError) as exc:
                     # RemoteError is a ConnectionError (an OSError): the validator is down or refused a call.
                     self.locator.forget()
                     self.metrics.not_taking_part.labels(reason=type(exc).__name__).inc()

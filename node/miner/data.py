@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expertmesh.node.data import DataError, content_hash, is_heldout, iter_texts
-from expertmesh.node.files import file_sha256
+from expertmesh.protocol.files import file_sha256
 from expertmesh.node.jobs import file_digest
 from expertmesh.node.miner.config import DataSection
 from expertmesh.node.miner.locate import CannotTakePart

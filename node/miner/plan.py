@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertmesh.node.data import pack, tokenize
-from expertmesh.node.files import atomic_write, file_sha256
+from expertmesh.protocol.files import atomic_write, file_sha256
 from expertmesh.node.miner.config import MinerConfig
 from expertmesh.node.miner.data import DomainData
 from expertmesh.node.miner.progress import Progress

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from expertmesh.node.files import atomic_write
+from expertmesh.protocol.files import atomic_write
 from expertmesh.node.miner.config import CodecSection
 from expertmesh.node.miner.locate import CannotTakePart
 from expertmesh.protocol.client import ValidatorClient, sign_upload

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from expertmesh.node.data import DataError
-from expertmesh.node.files import file_sha256
+from expertmesh.protocol.files import file_sha256
 from expertmesh.node.submission.prepare import Prepared, SubmitLimits, count_tokens, payload_texts, prepare
 from expertmesh.node.submission.tokenizer import validator_tokenizer
 from expertmesh.protocol import identity

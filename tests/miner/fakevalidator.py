@@ -17,6 +17,7 @@ from pathlib import Path
 
 from expertmesh.node.data import content_hash, is_heldout
 from expertmesh.node.moe import read_config
+from expertmesh.protocol import manifest as mf
 from expertmesh.protocol import identity
 from expertmesh.protocol.backend import ValidatorBackend
 from expertmesh.protocol.codec import DeltaSpec, decode_delta
@@ -32,13 +33,9 @@ def _sha(path: Path) -> bytes:
 def publish(model_dir: Path, out: Path, version: int) -> bytes:
     """Copy a checkpoint to `out` with a manifest; returns the manifest's sha256."""
     out.mkdir(parents=True)
-    files = {}
-    for f in sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != "manifest.json"):
+    for f in sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != mf.MANIFEST):
         shutil.copy(f, out / f.name)
-        files[f.name] = {"sha256": _sha(f).hex(), "size": f.stat().st_size}
-    (out / "manifest.json").write_text(json.dumps({"format": "expertmesh-manifest/1", "version": version,
-                                                   "files": files}, indent=1))
-    return _sha(out / "manifest.json")
+    return hashlib.sha256(mf.write(out, version, {})).digest()
 
 
 def _payload_texts(path: Path) -> list[str]:
@@ -160,7 +157,7 @@ class FakeValidator(ValidatorBackend):
 
     def checkpoint_blob(self, ref: CheckpointRef) -> Blob:
         directory = self.versions.get(ref.version, (None,))[0]
-        if directory is None or ref.name not in json.loads((directory / "manifest.json").read_text())["files"]:
+        if directory is None or ref.name not in mf.read(directory).files:
             raise Rejected("NOT_FOUND", f"no file {ref.name!r} in version {ref.version}")
         path = directory / ref.name
         return Blob(BlobHeader(ref.name, ref.version, path.stat().st_size, _sha(path)), path)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from expertmesh.node.fetch import CheckpointCache, CheckpointError, parse_manifest, tokenizer_files
+from expertmesh.node.fetch import CheckpointCache, tokenizer_files
+from expertmesh.protocol.manifest import ManifestError, parse, read
 from expertmesh.protocol.client import ValidatorClient
 from expertmesh.protocol.errors import PayloadMismatch
 
@@ -25,7 +26,7 @@ def test_fetch_verifies_caches_and_resumes(fake, tmp_path):
     rnd_sha = fake.current_round().model_sha256
     cache = CheckpointCache(tmp_path / "models")
     published = fake.versions[0][0]
-    listed = json.loads((published / "manifest.json").read_text())["files"]
+    listed = read(published).files
     with CountingClient(fake.address) as client:
         # A file the server changed after publishing: refused before a byte lands, good files are kept.
         weights = published / "model.safetensors"
@@ -42,8 +43,8 @@ def test_fetch_verifies_caches_and_resumes(fake, tmp_path):
         again = client.fetched[len(before):]
         assert set(again) & set(before) == {"model.safetensors"}  # what had verified is not fetched again
         assert set(before) | set(again) == set(listed)
-        for name, meta in listed.items():
-            assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == meta["sha256"]
+        for name, (sha, _) in listed.items():
+            assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == sha
 
         n = len(client.fetched)
         assert cache.ensure(client, 0, rnd_sha) == directory and len(client.fetched) == n  # cached
@@ -64,17 +65,17 @@ def test_hostile_manifest_names_are_refused(name):
     doc = {"version": 1, "files": {"config.json": {"sha256": "a" * 64, "size": 1},
                                    "model.safetensors": {"sha256": "b" * 64, "size": 1},
                                    name: {"sha256": "c" * 64, "size": 1}}}
-    with pytest.raises(CheckpointError):
-        parse_manifest(json.dumps(doc).encode(), b"", 1)
+    with pytest.raises(ManifestError):
+        parse(json.dumps(doc).encode(), b"", 1)
 
 
 def test_malformed_manifests_are_refused():
     good = {"version": 2, "files": {"config.json": {"sha256": "a" * 64, "size": 1},
                                     "model.safetensors": {"sha256": "b" * 64, "size": 3}}}
-    assert parse_manifest(json.dumps(good).encode(), b"", 2).files["model.safetensors"] == ("b" * 64, 3)
+    assert parse(json.dumps(good).encode(), b"", 2).files["model.safetensors"] == ("b" * 64, 3)
     for bad in (b"not json", b"[]", json.dumps({**good, "version": 3}).encode(),
                 json.dumps({"version": 2, "files": {"config.json": {"sha256": "a" * 64, "size": 1}}}).encode(),
                 json.dumps({"version": 2, "files": {**good["files"], "x.json": {"sha256": "zz", "size": 1}}}).encode(),
                 json.dumps({"version": 2, "files": {**good["files"], "x.json": {"sha256": "a" * 64, "size": -1}}}).encode()):
-        with pytest.raises(CheckpointError):
-            parse_manifest(bad, b"", 2)
+        with pytest.raises(ManifestError):
+            parse(bad, b"", 2)

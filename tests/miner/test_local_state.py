@@ -6,7 +6,6 @@ miner CLI, kill -9 by pid.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from expertmesh.protocol.manifest import read
 from procs import Child
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def _fetched(child: Child) -> list[str]:
 
 def test_many_processes_fill_one_cache_while_one_is_killed_mid_download(fake, tmp_path):
     root = tmp_path / "cache"
-    listed = json.loads((fake.versions[0][0] / "manifest.json").read_text())["files"]
+    listed = read(fake.versions[0][0]).files
     victim = CacheChild(root, fake, "--stall", "model.safetensors")
     others: list[CacheChild] = []
     try:
@@ -54,8 +54,8 @@ def test_many_processes_fill_one_cache_while_one_is_killed_mid_download(fake, tm
     dirs = {c.lines[-1].split(maxsplit=1)[1] for c in others}
     assert len(dirs) == 1, dirs
     final = Path(dirs.pop())
-    for name, meta in listed.items():  # every survivor was handed this one verified copy
-        assert hashlib.sha256((final / name).read_bytes()).hexdigest() == meta["sha256"], name
+    for name, (sha, _) in listed.items():  # every survivor was handed this one verified copy
+        assert hashlib.sha256((final / name).read_bytes()).hexdigest() == sha, name
     assert [d.name for d in root.iterdir() if not d.name.startswith(".")] == [final.name]
     assert not list(root.glob(".partial-*")) and not list(final.rglob("upload-*.part"))
     # Each file was downloaded once: what the victim finished was kept, the rest fetched by one survivor.

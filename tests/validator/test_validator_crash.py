@@ -5,7 +5,7 @@ import pytest
 
 from expertmesh.protocol import identity
 from expertmesh.protocol.client import ClientConfig, ValidatorClient
-from expertmesh.validator.publish import verify_checkpoint
+from expertmesh.protocol.manifest import verify
 from valhelpers import Daemon, config_doc, encode, ledger_rows, negated, submit, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -54,7 +54,7 @@ def test_sigkill_while_scoring_and_publishing_then_restart(tmp_path, trained, ma
         with ValidatorClient(daemon.address, ClientConfig(call_timeout_s=30)) as client:
             wait_until(lambda: client.get_round().model_version == 1, 300, "version 1", daemon)
             assert client.get_round().round == 2
-        manifest = verify_checkpoint(state / "checkpoints" / "v1")
+        manifest = verify(state / "checkpoints" / "v1").doc
         assert [a["submission"] for a in manifest["accepted"]] == accepted
         assert verdicts() == scored and len(ledger_rows(state, "SELECT * FROM versions")) == 2
         (version,) = ledger_rows(state, "SELECT * FROM versions WHERE version=1")

@@ -15,7 +15,7 @@ from expertmesh.protocol import identity
 from expertmesh.protocol.client import ClientConfig, ValidatorClient
 from expertmesh.protocol.codec import decode_delta
 from expertmesh.protocol.types import CheckpointRef
-from expertmesh.validator.publish import verify_checkpoint
+from expertmesh.protocol.manifest import verify
 from valhelpers import Daemon, config_doc, encode, ledger_rows, negated, register, submit, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -57,7 +57,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
             for name, meta in manifest["files"].items():
                 client.fetch_checkpoint_file(CheckpointRef(1, name), tmp_path / "ckpt" / name,
                                              bytes.fromhex(meta["sha256"]))
-        verify_checkpoint(tmp_path / "ckpt")
+        verify(tmp_path / "ckpt")
 
         verdicts = {r["digest"]: r for r in ledger_rows(state, "SELECT * FROM verdicts WHERE round=1")}
         v_good, v_neg, v_copy = (verdicts[r.submission_id.hex()] for r in (r_good, r_neg, r_copy))

@@ -9,8 +9,8 @@ from expertmesh.node.data import is_heldout
 from expertmesh.node.moe import load_model
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.validator.ledger import Ledger
-from expertmesh.validator.publish import (CheckpointError, manifest_file, manifest_sha256, prune, verify_checkpoint, version_dir,
-                               write_checkpoint)
+from expertmesh.protocol.manifest import ManifestError, verify
+from expertmesh.validator.publish import manifest_file, manifest_sha256, prune, version_dir, write_checkpoint
 from expertmesh.validator.registry import DatasetError, Registry, RegistryLimits, write_payload
 from expertmesh.validator.spool import Spool
 
@@ -23,7 +23,7 @@ def shipped():
 def test_checkpoint_is_stock_loadable_fp32_and_verified(shipped, tmp_path):
     moe, tok = shipped
     d = write_checkpoint(moe.model, tok, tmp_path, 3, {"parent": 2, "accepted": []})
-    doc = verify_checkpoint(d)
+    doc = verify(d).doc
     assert d == version_dir(tmp_path, 3) and doc["version"] == 3 and doc["parent"] == 2
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(doc["files"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,11 +34,11 @@ def test_checkpoint_is_stock_loadable_fp32_and_verified(shipped, tmp_path):
     assert AutoTokenizer.from_pretrained(d)("x + 1 = 2")["input_ids"] == tok("x + 1 = 2")["input_ids"]
 
     (d / "config.json").write_text((d / "config.json").read_text().replace("qwen3", "qwen3 "))
-    with pytest.raises(CheckpointError, match="config.json"):
-        verify_checkpoint(d)
+    with pytest.raises(ManifestError, match="config.json"):
+        verify(d)
     (d / "extra.bin").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="extra.bin"):
-        verify_checkpoint(d)
+    with pytest.raises(ManifestError, match="extra.bin"):
+        verify(d)
 
 
 def test_a_crash_before_the_rename_leaves_no_version_visible(shipped, tmp_path):
@@ -51,7 +51,7 @@ def test_a_crash_before_the_rename_leaves_no_version_visible(shipped, tmp_path):
         write_checkpoint(moe.model, tok, tmp_path, 1, {}, before_rename=crash)
     assert not version_dir(tmp_path, 1).exists() and (tmp_path / ".tmp-v1").exists()
     d = write_checkpoint(moe.model, tok, tmp_path, 1, {})  # the redo replaces the leftover
-    assert verify_checkpoint(d) and not (tmp_path / ".tmp-v1").exists()
+    assert verify(d) and not (tmp_path / ".tmp-v1").exists()
     sha = manifest_sha256(d)
     assert manifest_sha256(write_checkpoint(moe.model, tok, tmp_path, 1, {})) == sha, "same inputs, same manifest"
 
@@ -61,7 +61,7 @@ def test_served_names_are_only_the_manifests(shipped, tmp_path):
     d = write_checkpoint(moe.model, tok, tmp_path, 0, {})
     assert manifest_file(d, "config.json") == d / "config.json"
     for name in ("../v0/config.json", "/etc/passwd", "nothing.bin"):
-        with pytest.raises(CheckpointError):
+        with pytest.raises(ManifestError):
             manifest_file(d, name)
     write_checkpoint(moe.model, tok, tmp_path, 1, {})
     assert prune(tmp_path, keep={1}) == [0] and not d.exists() and version_dir(tmp_path, 1).exists()
