@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,8 +29,14 @@ def test_the_installed_distribution_has_one_top_level_package():
 
 
 def test_a_wheel_installed_elsewhere_runs_the_demo(tmp_path):
+    # Built from a copy of the tracked files: a build writes build/ and egg-info beside its sources.
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    for name in tracked:
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / "src" / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+                            "-w", str(tmp_path / "dist"), str(tmp_path / "src")], capture_output=True, text=True,
+                           timeout=600)
     assert built.returncode == 0, built.stderr
     wheel, = (tmp_path / "dist").glob("expertmesh-*.whl")
     with zipfile.ZipFile(wheel) as z:
