@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import json
 import string
 import zlib
@@ -175,27 +174,6 @@ def iter_texts(path: str | Path, text_field: str | None = None, template: str | 
         raise DataError(f"{path}: no non-empty records; a dataset needs at least one")
 
 
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def is_heldout(text: str, fraction: float = 0.05) -> bool:
-    """Held-out membership by content hash: every node computes the same split without talking."""
-    return int(content_hash(text)[:12], 16) < fraction * 16**12
-
-
-def split(texts: Iterable[str], fraction: float = 0.05) -> tuple[list[str], list[str]]:
-    """(train, heldout), deduplicated by content, in first-seen order."""
-    train: list[str] = []
-    heldout: list[str] = []
-    seen: set[str] = set()
-    for text in texts:
-        h = content_hash(text)
-        if h in seen:
-            continue
-        seen.add(h)
-        (heldout if is_heldout(text, fraction) else train).append(text)
-    return train, heldout
 
 
 def pack(token_lists: Iterable[list[int]], seq_len: int, eos_id: int, max_tokens: int | None = None) -> torch.Tensor:

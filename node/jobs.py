@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from expertmesh.node.data import iter_texts, pack, split, tokenize
+from expertmesh.node.data import iter_texts, pack, tokenize
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.protocol.files import atomic_write, file_sha256
 from expertmesh.node.moe import MoEModel, load_model, read_config
@@ -24,6 +24,7 @@ from expertmesh.node.profile import RoutingProfile, batches
 from expertmesh.node.defaults import DEFAULT_LR, DEFAULT_P
 from expertmesh.node.select import from_esft_json, select_experts, to_esft_json
 from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
 SEQ_LEN = 256
 
@@ -89,7 +90,7 @@ def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path 
               text_field: str | None = None, template: str | None = None, lr: float = DEFAULT_LR, batch_size: int = 8,
               seed: int = 0, eval_tokens: int = 16_384, checkpoint_every: int = 0, log_every: int = 10) -> dict:
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-    train_texts, held_texts = split(iter_texts(data, text_field, template))
+    train_texts, held_texts = split(iter_texts(data, text_field, template), DEFAULT_FRACTION)
     moe, tokenizer = _load(model_dir)
     selection = from_esft_json(_read_json(experts), moe)
     rows = data_rows(tokenizer, train_texts)

@@ -190,6 +190,7 @@ class RoundInfo:
     phase: RoundPhase
     domains: tuple[str, ...]
     closes_at_ms: int
+    heldout_fraction: float  # the validator's: which records it holds out (protocol.heldout)
 
     def __post_init__(self) -> None:
         _check_u64("round", self.round)
@@ -200,6 +201,8 @@ class RoundInfo:
         for d in self.domains:
             check_domain(d)
         _check_u64("closes_at_ms", self.closes_at_ms)
+        _need(isinstance(self.heldout_fraction, float) and 0 < self.heldout_fraction < 1,
+              "heldout_fraction must be within (0, 1)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.node.data import split
 from expertmesh.node.domains import DOMAINS, domain_texts
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.jobs import data_rows
@@ -29,6 +28,7 @@ from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.node.profile import RoutingProfile, batches
 from expertmesh.node.select import jaccard, select_experts
 from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
 PROFILE_TOKENS = 102_400
 EVAL_TOKENS = 32_768
@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     moe, tok = load_model(args.model)
-    splits = {d: split(domain_texts(d)) for d in DOMAINS}
+    splits = {d: split(domain_texts(d), DEFAULT_FRACTION) for d in DOMAINS}
     held = {d: data_rows(tok, ho, EVAL_TOKENS) for d, (_, ho) in splits.items()}
     math_train = splits["math"][0]
     rows_math = data_rows(tok, math_train)

@@ -4,7 +4,7 @@
 
 Domains: literature (Tiny Shakespeare), math (GSM8K train, question + answer), both shipped in
 node/assets/data (EXPERTMESH_DATA points elsewhere), and code (the Python standard library's sources). A fixed 5% of each domain,
-chosen by content hash (node.data.is_heldout), is held out and never trained on. Writes a
+chosen by content hash (protocol.heldout), is held out and never trained on. Writes a
 transformers checkpoint (bf16 safetensors, to stay small), the tokenizer, pretrain.json and a README.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from expertmesh.node.data import pack, split, tokenize  # noqa: E402
+from expertmesh.node.data import pack, tokenize  # noqa: E402
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, split  # noqa: E402
 from expertmesh.node.domains import DOMAINS, domain_texts  # noqa: E402
 from expertmesh.node.evaluate import mean_loss  # noqa: E402
 from expertmesh.node.paths import DEFAULT_MODEL  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> None:
     t0 = time.time()
     mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
 
-    splits = {d: split(domain_texts(d)) for d in DOMAINS}
+    splits = {d: split(domain_texts(d), DEFAULT_FRACTION) for d in DOMAINS}
     for d, (tr, ho) in splits.items():
         print(f"{d}: {len(tr)} train / {len(ho)} held-out records", flush=True)
     tokenizer = train_tokenizer([t for tr, _ in splits.values() for t in tr], args.vocab)

@@ -2,7 +2,7 @@
 
 The payload of a registration is UTF-8 JSON Lines, one {"text": "..."} object per record, optionally
 gzip-compressed (docs/validator.md). It is parsed as a stream with bounded records. The held-out
-part (node.data.is_heldout: the same split on every node) stays here for scoring; only the train
+part (protocol.heldout: the same split on every node) stays here for scoring; only the train
 part is ever served. A dataset's id is derived from its domain and content, so registering the same
 data twice gives the same id and stores it once.
 """
@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertmesh.node.data import content_hash, is_heldout, iter_texts
+from expertmesh.node.data import iter_texts
 from expertmesh.validator.ledger import DatasetRow, Ledger
 from expertmesh.protocol.files import file_sha256
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, content_hash, is_heldout
 
 
 class DatasetError(ValueError):
@@ -31,7 +32,7 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class RegistryLimits:
-    heldout_fraction: float = 0.05
+    heldout_fraction: float = DEFAULT_FRACTION
     max_records: int = 2_000_000
     max_record_bytes: int = 1 << 20
 

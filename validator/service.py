@@ -92,7 +92,8 @@ class ValidatorService(ValidatorBackend):
         phase = RoundPhase.OPEN if row.state == "open" else RoundPhase.CLOSED
         return RoundInfo(round=row.round, model_version=row.base_version,
                          model_sha256=bytes.fromhex(base.manifest_sha256), phase=phase,
-                         domains=tuple(self.intake.scored_domains()), closes_at_ms=row.deadline_ms)
+                         domains=tuple(self.intake.scored_domains()), closes_at_ms=row.deadline_ms,
+                         heldout_fraction=self.registry.limits.heldout_fraction)
 
     def status(self) -> NodeStatus:
         return NodeStatus(public_key=self.public_key, role="validator", software_version=SOFTWARE_VERSION,

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.node.data import iter_texts, split
+from expertmesh.node.data import iter_texts
 from expertmesh.node.domains import MATH_TEMPLATE, stdlib_texts
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.jobs import data_rows
 from expertmesh.node.moe import load_model
 from expertmesh.node.paths import corpus
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class HeldOut:
     def __init__(self, sources: dict[str, DomainSource], tokenizer, eval_tokens: int):
         self.rows_NL: dict[str, torch.Tensor] = {}
         for domain, src in sources.items():
-            _, held = split(src.texts())
+            _, held = split(src.texts(), DEFAULT_FRACTION)  # what the demo's validator holds out
             self.rows_NL[domain] = data_rows(tokenizer, held, eval_tokens)
 
     def losses(self, model_dir: Path) -> dict[str, float]:

@@ -150,7 +150,7 @@ class Miner:
         self.metrics.model_version.set(rnd.model_version)
         model_dir = self.models.ensure(client, rnd.model_version, rnd.model_sha256, progress=self.progress.bytes,
                                        stop=self.stop.is_set)
-        data = self.data.load(client)
+        data = self.data.load(client, rnd.heldout_fraction)
         moe, tokenizer = load_model(model_dir)
         moe.model.to(self.device)
         try:

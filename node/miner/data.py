@@ -1,7 +1,8 @@
 """The miner's domain data: a local dataset file, or the domain's registered train split(s) from the validator.
 
-Either way the miner trains only on records outside the hash-chosen held-out split (node.data), so
-it never trains on what a validator scores with, even when it holds a copy of a registered file.
+Either way the miner trains only on records outside the hash-chosen held-out split (protocol.heldout),
+at the fraction the validator states in its round, so it never trains on what that validator scores
+with, even when it holds a copy of a registered file.
 The data is identified by a digest (file bytes and rendering, or the registered datasets' sha256s);
 profiles, selections and token rows are cached per digest.
 """
@@ -12,8 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertmesh.node.data import DataError, content_hash, is_heldout, iter_texts
+from expertmesh.node.data import DataError, iter_texts
 from expertmesh.protocol.files import file_sha256
+from expertmesh.protocol.heldout import content_hash, is_heldout
 from expertmesh.node.jobs import file_digest
 from expertmesh.node.miner.config import DataSection
 from expertmesh.node.miner.locate import CannotTakePart
@@ -24,8 +26,9 @@ class DomainData:
     files: tuple[Path, ...]
     text_field: str | None
     template: str | None
-    digest: str  # hex sha256 naming this exact data and its rendering
+    digest: str  # hex sha256 naming this exact data, its rendering and its held-out fraction
     source: str  # for messages
+    heldout_fraction: float  # the validator's
 
     def train_texts(self) -> Iterator[str]:
         """Rendered texts outside the held-out split, deduplicated, in file order."""
@@ -33,7 +36,7 @@ class DomainData:
         for path in self.files:
             for text in iter_texts(path, self.text_field, self.template):
                 h = content_hash(text)
-                if h in seen or is_heldout(text):
+                if h in seen or is_heldout(text, self.heldout_fraction):
                     continue
                 seen.add(h)
                 yield text
@@ -49,17 +52,18 @@ class DataSource:
     def __init__(self, cfg: DataSection, domain: str, cache_dir: Path, max_bytes: int):
         self.cfg, self.domain, self.cache_dir, self.max_bytes = cfg, domain, Path(cache_dir), max_bytes
 
-    def load(self, client) -> DomainData:
+    def load(self, client, heldout_fraction: float) -> DomainData:
+        """The domain's data, split at the validator's held-out fraction (its RoundInfo's)."""
         if self.cfg.path is not None:
-            return self._local(self.cfg.path)
-        return self._registered(client)
+            return self._local(self.cfg.path, heldout_fraction)
+        return self._registered(client, heldout_fraction)
 
-    def _local(self, path: Path) -> DomainData:
-        render = f"{self.cfg.text_field}|{self.cfg.template}"
+    def _local(self, path: Path, fraction: float) -> DomainData:
+        render = f"{self.cfg.text_field}|{self.cfg.template}|{fraction!r}"
         digest = hashlib.sha256(f"{file_digest(path)}|{render}".encode()).hexdigest()
-        return DomainData((path,), self.cfg.text_field, self.cfg.template, digest, str(path))
+        return DomainData((path,), self.cfg.text_field, self.cfg.template, digest, str(path), fraction)
 
-    def _registered(self, client) -> DomainData:
+    def _registered(self, client, fraction: float) -> DomainData:
         infos = sorted(client.list_datasets(self.domain), key=lambda i: (i.registered_ms, i.dataset_id))
         infos = [i for i in infos if i.domain == self.domain]
         if not infos:
@@ -75,8 +79,9 @@ class DataSource:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 client.fetch_dataset(info.dataset_id, path, expected_sha256=info.sha256)
             files.append(path)
-        digest = hashlib.sha256(b"".join(i.sha256 for i in infos)).hexdigest()
-        data = DomainData(tuple(files), "text", None, digest, f"{len(infos)} registered dataset(s) of {self.domain}")
+        digest = hashlib.sha256(b"".join(i.sha256 for i in infos) + repr(fraction).encode()).hexdigest()
+        data = DomainData(tuple(files), "text", None, digest, f"{len(infos)} registered dataset(s) of {self.domain}",
+                          fraction)
         try:
             next(data.train_texts())
         except (DataError, StopIteration) as exc:  # served bytes are untrusted: refuse, do not crash

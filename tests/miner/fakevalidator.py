@@ -15,7 +15,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from expertmesh.node.data import content_hash, is_heldout
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, content_hash, is_heldout
 from expertmesh.node.moe import read_config
 from expertmesh.protocol import manifest as mf
 from expertmesh.protocol import identity
@@ -61,6 +61,7 @@ class FakeValidator(ValidatorBackend):
         self.spec = DeltaSpec(cfg["num_hidden_layers"], cfg["num_experts"] if "num_experts" in cfg
                               else cfg["num_local_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"])
         self.round, self.version, self.phase = 1, 0, RoundPhase.OPEN
+        self.heldout_fraction = DEFAULT_FRACTION  # stated in its rounds, as a validator's is
         self.fixed_domains = domains
         self.datasets: dict[str, tuple[DatasetInfo, Path, int, int]] = {}  # id -> info, train path, train, held
         self.receipts: dict[bytes, Receipt | DatasetReceipt] = {}
@@ -123,8 +124,8 @@ class FakeValidator(ValidatorBackend):
             h = content_hash(t)
             if h not in seen:
                 seen.add(h)
-                held += is_heldout(t)
-                if not is_heldout(t):
+                held += is_heldout(t, self.heldout_fraction)
+                if not is_heldout(t, self.heldout_fraction):
                     train.append(t)
         env = sub.envelope
         dataset_id = f"{env.domain}-{hashlib.sha256(''.join(sorted(seen)).encode()).hexdigest()[:12]}"
@@ -164,7 +165,7 @@ class FakeValidator(ValidatorBackend):
 
     def current_round(self) -> RoundInfo:
         return RoundInfo(self.round, self.version, self.versions[self.version][1], self.phase, self.domains(),
-                         1_900_000_000_000)
+                         1_900_000_000_000, self.heldout_fraction)
 
     def status(self) -> NodeStatus:
         return NodeStatus(identity.public_bytes(self.key), "validator", "fake/0", self.version, self.round, 1)

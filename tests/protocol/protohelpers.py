@@ -106,7 +106,7 @@ class MemoryBackend(ValidatorBackend):
         return _blob(self.root / ref.name, ref.name, self.version)
 
     def current_round(self):
-        return RoundInfo(self.round, self.version, MODEL_SHA, RoundPhase.OPEN, self.domains, 1_900_000_000_000)
+        return RoundInfo(self.round, self.version, MODEL_SHA, RoundPhase.OPEN, self.domains, 1_900_000_000_000, 0.05)
 
     def status(self):
         if self.fail_status:

@@ -20,7 +20,7 @@ CASES = [
     (serde.checkpoint_ref_to_proto, serde.checkpoint_ref_from_proto, CheckpointRef(4, "config.json")),
     (serde.dataset_info_to_proto, serde.dataset_info_from_proto, DatasetInfo("ds", "law", "cases", H, 5, H, 7)),
     (serde.dataset_list_to_proto, serde.dataset_list_from_proto, [DatasetInfo("a", "law", "", H, 0, H, 0)] * 2),
-    (serde.round_info_to_proto, serde.round_info_from_proto, RoundInfo(9, 8, H, RoundPhase.CLOSED, ("math", "c"), 1)),
+    (serde.round_info_to_proto, serde.round_info_from_proto, RoundInfo(9, 8, H, RoundPhase.CLOSED, ("math", "c"), 1, 0.1)),
     (serde.node_status_to_proto, serde.node_status_from_proto, NodeStatus(H, "validator", "0.1", 1, 2, 3)),
     (serde.manifest_request_to_proto, serde.manifest_request_from_proto, None),
     (serde.manifest_request_to_proto, serde.manifest_request_from_proto, 0),  # version 0 is not "latest"
@@ -55,6 +55,7 @@ def test_frames_round_trip():
     (pb.Receipt(submission_id=b"short"), serde.receipt_from_proto),
     (pb.RoundInfo(model_sha256=H, phase=pb.ROUND_PHASE_UNSPECIFIED), serde.round_info_from_proto),
     (pb.RoundInfo(model_sha256=H, phase=pb.ROUND_PHASE_OPEN, domains=["Not A Domain"]), serde.round_info_from_proto),
+    (pb.RoundInfo(model_sha256=H, phase=pb.ROUND_PHASE_OPEN), serde.round_info_from_proto),  # no held-out fraction
     (pb.DatasetInfo(dataset_id="x", domain="law", owner_key=H, sha256=b""), serde.dataset_info_from_proto),
     (pb.BlobHeader(name="bad\nname", sha256=H), serde.blob_header_from_proto),
     (pb.DatasetRequest(), serde.dataset_request_from_proto),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.node.data import DataError, iter_texts, pack, split
+from expertmesh.node.data import DataError, iter_texts, pack
+from expertmesh.protocol.heldout import split
 
 
 RECORDS = [{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}]
@@ -71,10 +72,10 @@ def test_unreadable_and_unsupported_files(tmp_path):
 
 def test_split_is_by_content_and_dedupes():
     texts = [f"record {i}" for i in range(2000)]
-    train, held = split(texts + texts[:10])
+    train, held = split(texts + texts[:10], 0.05)
     assert len(train) + len(held) == 2000
     assert 50 <= len(held) <= 150  # about 5%
-    train2, held2 = split(list(reversed(texts)))
+    train2, held2 = split(list(reversed(texts)), 0.05)
     assert set(held2) == set(held)  # order does not matter, content does
 
 

@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 import torch
 
-from expertmesh.node.data import split
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.jobs import data_rows
 from expertmesh.node.moe import wrap
@@ -84,7 +84,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
                 for key, w in w0.items():
                     want = w + 0.7 * 1.9 * decoded[key] if key in decoded else w
                     assert torch.allclose(w1[key], want, atol=1e-6), key
-        _, held = split(math_texts)
+        _, held = split(math_texts, DEFAULT_FRACTION)
         rows = data_rows(AutoTokenizer.from_pretrained(tmp_path / "ckpt"), held, 4096)
         before, after = mean_loss(base.model, rows), mean_loss(new.model, rows)
         print(f"held-out math loss: base {before:.4f} -> version 1 {after:.4f}")

@@ -119,3 +119,22 @@ def test_merge_is_deterministic_and_a_redo_after_a_crash_is_byte_identical(make_
     assert replica.ledger.version(2).manifest_sha256 == node.ledger.version(2).manifest_sha256
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_a_miner_splits_its_own_copy_at_the_validators_heldout_fraction(make_node, math_texts, tmp_path):
+    """A validator configured with 0.2 says so in its round; a miner with the same records in a local
+    file trains on none of the rows that validator scores with, and on all the others."""
+    from expertmesh.node.miner.config import DataSection
+    from expertmesh.node.miner.data import DataSource
+    from expertmesh.validator.registry import write_payload
+
+    node = make_node(datasets={"heldout_fraction": 0.2})
+    rnd = node.service.current_round()
+    assert rnd.heldout_fraction == 0.2
+    local = write_payload(math_texts, tmp_path / "mine.jsonl")
+    row = node.registry.register(local, "math", "gsm8k", "ab" * 32)
+    scored = set(node.registry.heldout_texts([row.dataset_id]))
+    trained = set(DataSource(DataSection(path=local), "math", tmp_path / "ds", 1 << 30).load(None, rnd.heldout_fraction)
+                  .train_texts())
+    assert len(scored) > 300 and not scored & trained  # about 20% of 2,000
+    assert scored | trained == set(math_texts)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from expertmesh.node.data import is_heldout
+from expertmesh.protocol.heldout import is_heldout
 from expertmesh.node.moe import load_model
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.validator.ledger import Ledger

@@ -26,7 +26,7 @@ class Trained:
 
 def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0) -> Trained:
     """What a miner does: profile routing on its data, select experts (ESFT), train them, take the delta."""
-    from expertmesh.node.data import split
+    from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
     from expertmesh.node.jobs import data_rows
     from expertmesh.node.moe import load_model
     from expertmesh.node.paths import DEFAULT_MODEL
@@ -36,7 +36,7 @@ def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0) -> Tr
 
     torch.manual_seed(seed)
     moe, tokenizer = load_model(DEFAULT_MODEL)
-    train, _ = split(texts)
+    train, _ = split(texts, DEFAULT_FRACTION)
     rows = data_rows(tokenizer, train, 64 * 256)
     selection = select_experts(RoutingProfile(moe).run(batches(rows[:16], 8)).to_json(), "token", p=0.3)
     sel = SelectiveExperts(moe, selection)
