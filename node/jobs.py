@@ -23,7 +23,7 @@ from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.node.profile import RoutingProfile, batches
 from expertmesh.node.defaults import DEFAULT_LR, DEFAULT_P
 from expertmesh.node.select import from_esft_json, select_experts, to_esft_json
-from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.node.train import SelectiveExperts, TrainConfig, train_resumable
 from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
 SEQ_LEN = 256
@@ -97,25 +97,17 @@ def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path 
     held = data_rows(tokenizer, held_texts, eval_tokens) if held_texts else torch.empty(0, SEQ_LEN, dtype=torch.long)
     torch.manual_seed(seed)
     sel = SelectiveExperts(moe, selection)
-    trainer = Trainer(sel, rows, cfg)
     state_dir = out / "state"
-    resumed_from = 0
-    if (state_dir / "state.json").exists():
-        trainer.load_state(state_dir)
-        resumed_from = trainer.step
-        print(f"resuming from step {resumed_from} ({state_dir})", file=sys.stderr)
     before = mean_loss(moe.model, held) if held.numel() else None
-    t0, tokens0 = time.time(), trainer.step
+    t0 = time.time()
 
-    def on_step(step: int, loss: float) -> None:
+    def report(step: int, loss: float, rate: float) -> None:
         if step % log_every == 0 or step == cfg.steps:
-            rate = (step - tokens0) * cfg.batch_size * SEQ_LEN / max(time.time() - t0, 1e-9)
             print(f"step {step}/{cfg.steps}  loss {loss:.4f}  {rate:,.0f} tok/s", file=sys.stderr, flush=True)
-        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
-            trainer.save_state(state_dir, {"data": str(data)})
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer.train(on_step=on_step)
+    trainer, resumed_from = train_resumable(sel, rows, cfg, state_dir, checkpoint_every, report,
+                                            lambda line: print(line, file=sys.stderr), extra={"data": str(data)})
     seconds = time.time() - t0
     after = mean_loss(moe.model, held) if held.numel() else None
     delta = sel.delta()

@@ -9,6 +9,7 @@ for the selected slices only. Tensors in, tensors out: checkpoint files are writ
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,3 +177,45 @@ class Trainer:
         self.step, self.losses = int(meta["step"]), list(meta["losses"])
         return meta
 
+
+
+class Stopped(Exception):
+    """Training was asked to stop (SIGTERM); the state is saved and the next run resumes there."""
+
+
+def train_resumable(sel: SelectiveExperts, rows_NL: torch.Tensor, cfg: TrainConfig, state_dir: Path,
+                    checkpoint_every: int, report: Callable[[int, float, float], None], say: Callable[[str], None],
+                    stop: Callable[[], bool] = lambda: False, discard_mismatch: bool = False,
+                    extra: dict | None = None) -> tuple[Trainer, int]:
+    """The one training path of `expertmesh train` and the miner's inner loop; (trainer, resumed_from).
+
+    Resumes from `state_dir` when it holds a state (a state for another selection is an error, or,
+    with `discard_mismatch`, dropped), trains to cfg.steps calling report(step, loss, tokens/s),
+    saves the state every `checkpoint_every` steps (0: never) and, when `stop()` says so, saves it
+    and raises Stopped.
+    """
+    trainer = Trainer(sel, rows_NL, cfg)
+    resumed_from = 0
+    if (state_dir / "state.json").is_file():
+        try:
+            trainer.load_state(state_dir)
+            resumed_from = trainer.step
+            say(f"resuming the inner loop from step {resumed_from}/{cfg.steps} ({state_dir})")
+        except ValueError as exc:
+            if not discard_mismatch:
+                raise
+            say(f"discarding saved inner state: {exc}")
+            trainer = Trainer(sel, rows_NL, cfg)
+    tokens_per_step = cfg.batch_size * rows_NL.shape[1]
+    t0, step0 = time.monotonic(), trainer.step
+
+    def on_step(step: int, loss: float) -> None:
+        report(step, loss, (step - step0) * tokens_per_step / max(time.monotonic() - t0, 1e-9))
+        if checkpoint_every and step < cfg.steps and step % checkpoint_every == 0:
+            trainer.save_state(state_dir, extra)
+        if stop() and step < cfg.steps:
+            trainer.save_state(state_dir, extra)
+            raise Stopped(f"stopped at inner step {step}/{cfg.steps}; the next start resumes there")
+
+    trainer.train(on_step=on_step)
+    return trainer, resumed_from

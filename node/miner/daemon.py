@@ -20,13 +20,14 @@ from expertmesh.node.fetch import CheckpointCache
 from expertmesh.node.locks import hold_state_dir
 from expertmesh.node.miner.config import MinerConfig
 from expertmesh.node.miner.data import DataSource, check_local
-from expertmesh.node.miner.inner import Stopped, run_inner
+from expertmesh.node.miner.inner import run_inner
 from expertmesh.node.miner.locate import CannotTakePart, Locator
 from expertmesh.node.miner.metrics import MinerMetrics
 from expertmesh.node.miner.plan import make_plan
 from expertmesh.node.miner.progress import Progress
 from expertmesh.node.miner.submit import Outbox, SubmissionBook
 from expertmesh.node.moe import ModelError, load_model
+from expertmesh.node.train import Stopped
 from expertmesh.protocol import identity
 from expertmesh.protocol.client import ClientConfig, ValidatorClient
 from expertmesh.protocol.errors import ProtocolError, RemoteError

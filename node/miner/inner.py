@@ -7,7 +7,6 @@ ends with the same delta as an uninterrupted run.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,7 @@ from expertmesh.node.miner.config import TrainSection
 from expertmesh.node.miner.metrics import MinerMetrics
 from expertmesh.node.miner.progress import Progress
 from expertmesh.node.moe import MoEModel
-from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
-
-
-class Stopped(Exception):
-    """The daemon was asked to stop (SIGTERM); the inner state is saved."""
+from expertmesh.node.train import SelectiveExperts, TrainConfig, train_resumable
 
 
 @dataclass(frozen=True)
@@ -39,35 +34,18 @@ def run_inner(moe: MoEModel, selection: dict[int, list[int]], rows_NL: torch.Ten
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed + round_seed)
     torch.manual_seed(tc.seed)
     sel = SelectiveExperts(moe, selection)
-    trainer = Trainer(sel, rows_NL, tc)
-    resumed_from = 0
-    if (state_dir / "state.json").is_file():
-        try:
-            trainer.load_state(state_dir)
-            resumed_from = trainer.step
-            progress.line(f"resuming the inner loop from step {resumed_from}/{tc.steps} ({state_dir})")
-        except ValueError as exc:  # a selection changed under us: start this round's steps afresh
-            progress.line(f"discarding saved inner state: {exc}")
-            trainer = Trainer(sel, rows_NL, tc)
-    seq_len = rows_NL.shape[1]
-    t0, step0 = time.monotonic(), trainer.step
 
-    def on_step(step: int, loss: float) -> None:
-        rate = (step - step0) * tc.batch_size * seq_len / max(time.monotonic() - t0, 1e-9)
+    def report(step: int, loss: float, rate: float) -> None:
         metrics.inner_step.set(step)
         metrics.train_loss.set(loss)
         metrics.tokens_per_second.set(rate)
-        metrics.tokens.inc(tc.batch_size * seq_len)
+        metrics.tokens.inc(tc.batch_size * rows_NL.shape[1])
         progress.steps("train step", step, tc.steps, f"loss {loss:.4f}  {rate:,.0f} tok/s")
-        if step < tc.steps and step % cfg.checkpoint_every == 0:
-            trainer.save_state(state_dir)
-        if stop() and step < tc.steps:
-            trainer.save_state(state_dir)
-            raise Stopped(f"stopped at inner step {step}/{tc.steps}; the next start resumes there")
 
     try:
-        trainer.train(on_step=on_step)
+        trainer, resumed_from = train_resumable(sel, rows_NL, tc, state_dir, cfg.checkpoint_every, report,
+                                                progress.line, stop, discard_mismatch=True)
         delta = sel.delta()
     finally:
         sel.detach()
-    return InnerResult(delta, tc.steps * tc.batch_size * seq_len, resumed_from, list(trainer.losses))
+    return InnerResult(delta, tc.steps * tc.batch_size * rows_NL.shape[1], resumed_from, list(trainer.losses))
