@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from expertmesh.node.data import iter_texts, pack, tokenize
 from expertmesh.node.evaluate import mean_loss
+from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
 from expertmesh.protocol.files import atomic_write, file_sha256
 from expertmesh.node.moe import MoEModel, load_model, read_config
 from expertmesh.node.paths import DEFAULT_MODEL
@@ -110,9 +110,10 @@ def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path 
                                             lambda line: print(line, file=sys.stderr), extra={"data": str(data)})
     seconds = time.time() - t0
     after = mean_loss(moe.model, held) if held.numel() else None
-    delta = sel.delta()
-    save_file(delta, out / "delta.safetensors", metadata={"format": "expertmesh-delta", "codec": "fp32",
-                                                          "model": moe.source, "steps": str(cfg.steps)})
+    # The wire format (fp32, version 0: a local run), so `expertmesh delta inspect` reads it.
+    tokens = (cfg.steps - resumed_from) * cfg.batch_size * SEQ_LEN
+    encoded = encode_delta(sel.delta(), DeltaMeta(0, tokens, file_digest(data)), CodecConfig("fp32"))
+    atomic_write(out / "delta.safetensors", encoded.payload)
     expert_params = sum(l.experts.gate_up_proj.numel() + l.experts.down_proj.numel() for l in moe.layers)
     summary = {
         "model": moe.source, "data": str(data), "data_sha256": file_digest(data), "experts_file": str(experts),
@@ -120,7 +121,7 @@ def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path 
         "trainable_fraction_of_expert_parameters": round(sel.num_parameters() / expert_params, 4),
         "optimizer_state_bytes": trainer.optimizer_state_bytes(), "config": cfg.__dict__, "resumed_from_step": resumed_from,
         "train_rows": int(rows.shape[0]), "heldout_eval_tokens": int(held.numel()),
-        "tokens": (cfg.steps - resumed_from) * cfg.batch_size * SEQ_LEN, "seconds": round(seconds, 2),
+        "tokens": tokens, "seconds": round(seconds, 2),
         "heldout_loss_before": before, "heldout_loss_after": after, "train_loss": trainer.losses,
     }
     _write_json(out / "summary.json", summary)

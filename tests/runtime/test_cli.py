@@ -39,6 +39,9 @@ def test_profile_select_train(cli, math_file, tmp_path):
         keys = set(f.keys())
     assert keys == {f"layers.{l}.experts.{e}.{p}" for l, ids in sel["experts"].items() for e in ids
                     for p in ("gate_proj", "up_proj", "down_proj")}
+    r = cli("delta", "inspect", str(tmp_path / "tr" / "delta.safetensors"))  # the wire format
+    assert r.returncode == 0 and "codec: fp32" in r.stdout, r.stderr
+    assert f"token_count: {summary['tokens']}" in r.stdout
 
 
 def write_model_dir(path, config):
