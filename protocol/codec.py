@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 import safetensors
 import safetensors.torch
@@ -29,19 +32,13 @@ DEFAULT_MAX_BYTES = 4 << 30
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "I16": torch.int16}
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class CodecConfig:
-    codec: str = "int8"
-    block: int = 256
-    keep_fraction: float = 0.1  # topk+int8: share of each block's entries sent
+    """How a delta is encoded; also the miner config's [codec] section, as it is (bounds checked by pydantic)."""
 
-    def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ValueError(f"codec {self.codec!r} is not one of {CODECS}")
-        if not MIN_BLOCK <= self.block <= MAX_BLOCK:
-            raise ValueError(f"block={self.block} must be within [{MIN_BLOCK}, {MAX_BLOCK}]")
-        if not 0.0 < self.keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction={self.keep_fraction} must be within (0, 1]")
+    codec: Literal[CODECS] = "int8"
+    block: int = Field(256, ge=MIN_BLOCK, le=MAX_BLOCK)
+    keep_fraction: float = Field(0.1, gt=0, le=1, description="topk+int8: share of each block's entries sent")
 
     @property
     def keep(self) -> int:

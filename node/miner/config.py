@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from expertmesh.protocol.codec import CodecConfig
 from expertmesh.node.tomlconfig import ConfigError, MetricsSection, Section, load, parse  # noqa: F401  (ConfigError: part of this module's API)
 from expertmesh.protocol.types import DOMAIN_RE
 
@@ -69,12 +70,6 @@ class TrainSection(Section):
                         description="auto: the first CUDA device if there is one, else the CPU")
 
 
-class CodecSection(Section):
-    codec: Literal["fp32", "bf16", "int8", "topk+int8"] = "int8"
-    block: int = Field(256, ge=16, le=32768)
-    keep_fraction: float = Field(0.1, gt=0, le=1, description="topk+int8: share of each block sent")
-
-
 class LoopSection(Section):
     poll_s: float = Field(2.0, gt=0, le=3600, description="how often to ask for the next round")
     backoff_min_s: float = Field(1.0, gt=0, le=3600)
@@ -97,7 +92,7 @@ class MinerConfig(Section):
     data: DataSection = DataSection()
     select: SelectSection = SelectSection()
     train: TrainSection = TrainSection()
-    codec: CodecSection = CodecSection()
+    codec: CodecConfig = CodecConfig()  # the codec's own config, not a twin of it
     loop: LoopSection = LoopSection()
     metrics: MetricsSection = MetricsSection()
 

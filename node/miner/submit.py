@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertmesh.protocol.files import atomic_write
-from expertmesh.node.miner.config import CodecSection
 from expertmesh.node.miner.locate import CannotTakePart
 from expertmesh.protocol.client import ValidatorClient, sign_upload
 from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
@@ -54,9 +53,9 @@ class Prepared:
 
 
 class Outbox:
-    def __init__(self, key, codec: CodecSection, residual_path: Path, domain: str):
+    def __init__(self, key, codec: CodecConfig, residual_path: Path, domain: str):
         self.key, self.domain, self.residual_path = key, domain, residual_path
-        self.codec = CodecConfig(codec.codec, codec.block, codec.keep_fraction)
+        self.codec = codec
 
     def _residual(self) -> dict[str, torch.Tensor]:
         return load_file(self.residual_path) if self.residual_path.is_file() else {}

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from expertmesh.node.miner.config import CodecSection, parse_config
+from expertmesh.node.miner.config import parse_config
+from expertmesh.protocol.codec import CodecConfig
 from expertmesh.node.miner.daemon import Miner
 from expertmesh.node.miner.metrics import MinerMetrics
 from expertmesh.node.miner.progress import Progress
@@ -125,7 +126,7 @@ def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_pa
     fake = make_fake(admission=AdmissionConfig(timestamp_window_s=1.0))
     fake.fixed_domains = ("math",)
     key = identity.load_key(key_file)
-    outbox = Outbox(key, CodecSection(), tmp_path / "residual.safetensors", "math")
+    outbox = Outbox(key, CodecConfig(), tmp_path / "residual.safetensors", "math")
     with ValidatorClient(fake.address) as client:
         rnd = client.get_round()
         work = tmp_path / "work"
