@@ -18,11 +18,11 @@ from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
 
 
 class CheckFailed(ValueError):
-    """A delta that must not be scored; `reason` starts with a short code (for metrics), then says why."""
+    """A delta that must not be scored: a short code (the ledger's verdicts.code) and why, for people."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)

@@ -53,19 +53,19 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
     t0 = time.perf_counter()
     common = dict(digest=sub.digest, round=sub.round)
 
-    def done(verdict: str, reason: str, score: float = 0.0, **parts) -> VerdictRow:
-        return VerdictRow(**common, verdict=verdict, reason=reason, score=score, seconds=time.perf_counter() - t0,
-                          scored_ms=int(time.time() * 1000), **parts)
+    def done(verdict: str, code: str, why: str, score: float = 0.0, **parts) -> VerdictRow:
+        return VerdictRow(**common, verdict=verdict, code=code, reason=f"{code}: {why}" if why else code, score=score,
+                          seconds=time.perf_counter() - t0, scored_ms=int(time.time() * 1000), **parts)
 
     try:
         delta = checked(spool, sub, runtime, base_version, cfg)
     except CheckFailed as exc:
-        return done("rejected", str(exc))
+        return done("rejected", exc.code, exc.message)
     sizes = dict(delta_norm=delta.norm, update_ratio=delta.max_expert_ratio)
     if sub.domain not in ev.rows.domain_NL:
-        return done("rejected", f"no_eval_data: domain {sub.domain!r} has too little held-out data to score", **sizes)
+        return done("rejected", "no_eval_data", f"domain {sub.domain!r} has too little held-out data to score", **sizes)
     if delta.relative_norm < cfg.negligible_ratio:
-        return done("zero", f"negligible: ‖Δ‖/‖W‖ = {delta.relative_norm:.3g} < {cfg.negligible_ratio}", **sizes)
+        return done("zero", "negligible", f"‖Δ‖/‖W‖ = {delta.relative_norm:.3g} < {cfg.negligible_ratio}", **sizes)
 
     def others() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for other in earlier:
@@ -74,14 +74,14 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
     cos, twin = max_cosine(delta.tensors, others())
     sizes["max_cosine"] = cos
     if cos > cfg.copy_cosine:
-        return done("rejected", f"copy: cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}",
+        return done("rejected", "copy", f"cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}",
                     copy_of=twin, **sizes)
     s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score)
     weight = merge_weight(s.score, sub.token_count, limits.max_tokens) if s.verdict == "accepted" else None
-    return done(s.verdict, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, general_base=s.general_base,
+    return done(s.verdict, s.code, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, general_base=s.general_base,
                 general_new=s.general_new, eval_tokens=s.eval_tokens, weight=weight, **sizes)
 
 
 def comparable(subs: list[SubmissionRow], verdicts: dict[str, VerdictRow]) -> list[SubmissionRow]:
     """Earlier submissions a new one is compared with: those whose payload decoded and passed the checks."""
-    return [s for s in subs if s.digest in verdicts and verdicts[s.digest].reason.split(":")[0] not in UNREADABLE]
+    return [s for s in subs if s.digest in verdicts and verdicts[s.digest].code not in UNREADABLE]

@@ -14,7 +14,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: verdicts.code (was the prefix of reason)
 STATES = ("open", "scoring", "merging", "published", "empty")
 VERDICTS = ("accepted", "zero", "rejected")
 
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS submissions (
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_payload ON submissions (round, miner, payload_sha256);
 CREATE TABLE IF NOT EXISTS verdicts (
   digest TEXT PRIMARY KEY REFERENCES submissions(digest), round INTEGER NOT NULL,
-  verdict TEXT NOT NULL CHECK (verdict IN {VERDICTS}), reason TEXT NOT NULL, score REAL NOT NULL,
+  verdict TEXT NOT NULL CHECK (verdict IN {VERDICTS}), code TEXT NOT NULL, reason TEXT NOT NULL, score REAL NOT NULL,
   base_loss REAL, new_loss REAL, general_base REAL, general_new REAL, max_cosine REAL, copy_of TEXT,
   update_ratio REAL, delta_norm REAL, eval_tokens INTEGER, weight REAL, seconds REAL, scored_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
@@ -88,7 +88,8 @@ class VerdictRow:
     digest: str
     round: int
     verdict: str
-    reason: str
+    code: str  # why, for machines: ok, format, copy, general_guard, no_gain, ... (validator/judging.py)
+    reason: str  # why, for people: the code and its figures
     score: float
     base_loss: float | None = None
     new_loss: float | None = None
@@ -165,6 +166,11 @@ class Ledger:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:  # the code was the reason's prefix up to ':'
+                db.execute("ALTER TABLE verdicts ADD COLUMN code TEXT NOT NULL DEFAULT ''")
+                db.execute("UPDATE verdicts SET code = CASE WHEN instr(reason, ':') > 0 "
+                           "THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END")
+                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise ValueError(f"{self.path}: ledger schema {row[0]} is not {SCHEMA_VERSION}; "
                                  "use a fresh state_dir or a matching expertmesh version")

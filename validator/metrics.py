@@ -35,7 +35,7 @@ class Metrics(MetricsEndpoint):
         self.datasets = Counter(p + "datasets", "datasets registered", registry=r)
 
     def judged(self, v: VerdictRow) -> None:
-        self.submissions.labels(verdict=v.verdict, reason=v.reason.split(":")[0]).inc()
+        self.submissions.labels(verdict=v.verdict, reason=v.code).inc()
         self.score.observe(v.score)
         if v.seconds is not None:
             self.eval_seconds.observe(v.seconds)

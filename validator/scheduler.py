@@ -119,7 +119,8 @@ class Scheduler:
         self.ledger.add_verdict(verdict)
         self.metrics.judged(verdict)
         log.info("scored submission", extra={"round": row.round, "submission": sub.digest[:16], "miner": sub.miner[:16],
-                                             "domain": sub.domain, "verdict": verdict.verdict, "reason": verdict.reason,
+                                             "domain": sub.domain, "verdict": verdict.verdict, "code": verdict.code,
+                                             "reason": verdict.reason,
                                              "score": verdict.score, "base_loss": verdict.base_loss,
                                              "new_loss": verdict.new_loss, "seconds": round(verdict.seconds, 3)})
         self.hooks("scoring")

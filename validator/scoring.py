@@ -42,6 +42,7 @@ class BaseLosses:
 @dataclass(frozen=True)
 class Score:
     verdict: str  # accepted | zero | rejected
+    code: str
     reason: str
     score: float
     base_loss: float | None = None
@@ -109,7 +110,8 @@ def evaluate(moe: MoEModel, delta: Mapping[str, torch.Tensor], domain: str, rows
                  eval_tokens=rows.tokens(domain))
     rise = general_new - base.general
     if rise > guard_epsilon:
-        return Score("rejected", f"general_guard: general held-out loss rose by {rise:.4f} > {guard_epsilon}", 0.0, **parts)
+        return Score("rejected", "general_guard", f"general held-out loss rose by {rise:.4f} > {guard_epsilon}", 0.0,
+                     **parts)
     if score <= min_score:
-        return Score("zero", f"no_gain: held-out loss {base_loss:.4f} -> {new_loss:.4f}", 0.0, **parts)
-    return Score("accepted", "ok", score, **parts)
+        return Score("zero", "no_gain", f"held-out loss {base_loss:.4f} -> {new_loss:.4f}", 0.0, **parts)
+    return Score("accepted", "ok", "", score, **parts)

@@ -63,7 +63,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
         v_good, v_neg, v_copy = (verdicts[r.submission_id.hex()] for r in (r_good, r_neg, r_copy))
         assert v_good["verdict"] == "accepted" and v_good["score"] > 0.005
         assert v_neg["verdict"] != "accepted" and v_neg["score"] == 0.0 and v_neg["new_loss"] > v_neg["base_loss"]
-        assert v_copy["verdict"] == "rejected" and v_copy["reason"].startswith("copy") and v_copy["copy_of"] == v_good["digest"]
+        assert v_copy["verdict"] == "rejected" and v_copy["code"] == "copy" and v_copy["copy_of"] == v_good["digest"]
         assert [a["submission"] for a in manifest["accepted"]] == [v_good["digest"]] and manifest["parent"] == 0
         print(f"score good {v_good['score']:.5f} ({v_good['base_loss']:.4f} -> {v_good['new_loss']:.4f}); "
               f"negated {v_neg['score']} ({v_neg['new_loss']:.4f}, {v_neg['reason']})")

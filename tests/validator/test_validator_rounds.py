@@ -85,7 +85,7 @@ def test_publish_is_all_or_nothing_and_persists(book, tmp_path):
     assert book.ledger.round(1).state == "merging" and book.ledger.momentum_refs() == {}
     assert book.ledger.current_round().round == 1, "no next round was opened"
 
-    book.ledger.add_verdict(VerdictRow(f"{0:064x}", 1, "accepted", "ok", 0.5, scored_ms=1))
+    book.ledger.add_verdict(VerdictRow(f"{0:064x}", 1, "accepted", "ok", "ok", 0.5, scored_ms=1))
     good = VersionRow(1, 0, 1, "v1", "cd" * 32, 5)
     book.finish_published(row, good, {(0, 1): ("momentum/r1/0.1.safetensors", "ef" * 32)})
     book.ledger.close()
@@ -104,3 +104,17 @@ def test_a_newer_schema_is_refused(tmp_path):
     ledger.close()
     with pytest.raises(ValueError, match="schema 99"):
         Ledger(tmp_path / "l.sqlite")
+
+
+def test_a_schema_1_ledger_gets_its_verdict_codes_from_the_reasons(book, tmp_path):
+    for n, m in enumerate("ab"):
+        book.record(sub(n, m))
+    for n, reason in enumerate(["copy: cosine 0.9990 > 0.98 with submission 00", "ok"]):
+        book.ledger.add_verdict(VerdictRow(f"{n:064x}", 1, "rejected" if n == 0 else "accepted", "x", reason, 0.0))
+    with book.ledger.transaction() as db:  # what schema 1 stored: the code only as the reason's prefix
+        db.execute("ALTER TABLE verdicts DROP COLUMN code")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    book.ledger.close()
+    again = Ledger(tmp_path / "ledger.sqlite")
+    assert {v.digest[-1]: v.code for v in again.verdicts(1).values()} == {"0": "copy", "1": "ok"}
+    again.close()
