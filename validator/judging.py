@@ -1,6 +1,7 @@
 """Judging one submission: decode, check, compare with earlier ones, evaluate; one verdict row out.
 
-Order, cheapest first: the codec (format), the checks (version, experts, shapes, finite, norm cap),
+Order, cheapest first: the codec (format: declared experts, shapes, finite values), the checks
+(version, norm cap),
 negligible size (score 0, not evaluated), anti-copy (cosine to every earlier decodable delta of the
 round, reloaded one at a time so memory holds two deltas), then held-out evaluation and the guard.
 """
@@ -23,7 +24,7 @@ from expertmesh.validator.scoring import BaseLosses, EvalRows, evaluate, max_cos
 from expertmesh.validator.spool import Spool
 
 # Verdict codes of submissions whose payload never decoded or failed the checks: not compared for copies.
-UNREADABLE = ("format", "version", "experts", "shape", "dtype", "finite", "norm_cap")
+UNREADABLE = ("format", "version", "norm_cap")
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def checked(spool: Spool, sub: SubmissionRow, runtime: ModelRuntime, base_versio
         decoded = decode_delta(spool.read(sub.path), runtime.shapes)
     except DeltaFormatError as exc:
         raise CheckFailed("format", str(exc)) from None
-    return check_delta(decoded.tensors, decoded.header.experts, decoded.header.model_version, base_version,
-                       runtime.shapes, runtime.norms, cfg.max_update_ratio)
+    return check_delta(decoded.tensors, decoded.header.model_version, base_version, runtime.norms,
+                       cfg.max_update_ratio)
 
 
 def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntime, spool: Spool, base_version: int,

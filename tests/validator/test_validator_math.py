@@ -29,27 +29,23 @@ def rand_delta(moe, experts, scale=1e-3, seed=0):
 
 
 def test_checks_accept_a_sane_delta_and_name_every_violation(moe):
-    shapes, norms = moe.expert_shapes(), expert_norms(moe)
+    """The validator's own checks (declared experts, shapes and finiteness are the decoder's:
+    tests/protocol/test_protocol_codec.py::test_decoder_refuses)."""
+    norms = expert_norms(moe)
     d = rand_delta(moe, [(0, 1), (1, 3)])
-    ok = check_delta(d, {0: (1,), 1: (3,)}, 7, 7, shapes, norms, 0.5)
+    ok = check_delta(d, 7, 7, norms, 0.5)
     assert ok.experts == ((0, 1), (1, 3)) and 0 < ok.max_expert_ratio < 0.5
     w = math.sqrt(norms[(0, 1)] ** 2 + norms[(1, 3)] ** 2)
     assert ok.relative_norm == pytest.approx(ok.norm / w)
 
     cases = {
-        "version": (d, {0: (1,), 1: (3,)}, 6),
-        "experts": (d, {0: (1,)}, 7),
-        "shape": ({**d, expert_key(0, 1, "up_proj"): torch.zeros(3, 3)}, {0: (1,), 1: (3,)}, 7),
-        "dtype": ({**d, expert_key(0, 1, "up_proj"): d[expert_key(0, 1, "up_proj")].double()}, {0: (1,), 1: (3,)}, 7),
-        "finite": ({**d, expert_key(1, 3, "down_proj"): d[expert_key(1, 3, "down_proj")] * math.nan}, {0: (1,), 1: (3,)}, 7),
-        "norm_cap": ({**d, expert_key(1, 3, "gate_proj"): d[expert_key(1, 3, "gate_proj")] * 1e4}, {0: (1,), 1: (3,)}, 7),
+        "version": (d, 6),
+        "norm_cap": ({**d, expert_key(1, 3, "gate_proj"): d[expert_key(1, 3, "gate_proj")] * 1e4}, 7),
     }
-    for code, (delta, declared, version) in cases.items():
+    for code, (delta, version) in cases.items():
         with pytest.raises(CheckFailed) as exc:
-            check_delta(delta, declared, version, 7, shapes, norms, 0.5)
+            check_delta(delta, version, 7, norms, 0.5)
         assert exc.value.code == code, (code, str(exc.value))
-    with pytest.raises(CheckFailed, match="not an expert tensor"):
-        check_delta({expert_key(0, 99, p): torch.zeros(1) for p in PROJS}, {0: (99,)}, 7, 7, shapes, norms, 0.5)
 
 
 def test_applied_restores_the_weights_bit_for_bit(moe):
