@@ -1,7 +1,7 @@
 """Pick the Triton kernels on CUDA tensors and the plain-PyTorch reference elsewhere.
 
 Legend: T tokens, K top-k, E experts, S selected (trainable) experts, H hidden, I expert
-intermediate size, X one expert's tensor flattened.
+intermediate size.
 
 backend: "auto" (default) is Triton when the tensors are on CUDA and triton imports, else the
 reference; "reference" and "triton" force one. The EXPERTMESH_KERNELS environment variable sets
@@ -87,39 +87,6 @@ def expert_ffn(
         w_gate_up_S2IH, w_down_SHI = w_gate_up_E2IH, w_down_EHI
     return expert_ffn_triton(x_TH, topk_idx_TK, topk_w_TK, w_gate_up_E2IH, w_down_EHI,
                              trainable_ids_S, w_gate_up_S2IH, w_down_SHI)
-
-
-def delta_quantize(
-    trained_SX: torch.Tensor,
-    base_EX: torch.Tensor,
-    expert_ids_S: torch.Tensor,
-    block: int,
-    keep: int | None = None,
-    ef_SX: torch.Tensor | None = None,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code (trained − base) of the selected experts; see reference.delta_quantize for the formats.
-
-    trained_SX / base_EX may be strided views such as w_gate_up[:, :I] (the gate projection) as long
-    as each expert's tensor is itself contiguous. ef_SX, when given, is updated in place.
-    """
-    S = trained_SX.shape[0]
-    if S == 0 or expert_ids_S.numel() != S:
-        raise ValueError(f"expert_ids_S must name one expert per trained tensor (got {expert_ids_S.numel()} ids for {S})")
-    if trained_SX.shape[1:] != base_EX.shape[1:]:
-        raise ValueError(f"trained {tuple(trained_SX.shape)} and base {tuple(base_EX.shape)} differ past the expert dim")
-    if not 1 <= (keep or 1) <= block <= 32768:
-        raise ValueError(f"need 1 <= keep <= block <= 32768 (got keep={keep}, block={block})")
-    if ef_SX is not None and (ef_SX.shape != trained_SX.shape or ef_SX.dtype != torch.float32 or not ef_SX.is_contiguous()):
-        raise ValueError("ef_SX must be a contiguous float32 tensor shaped like trained_SX")
-    if choose_backend(trained_SX.device, backend) == "reference":
-        return reference.delta_quantize(trained_SX, base_EX, expert_ids_S, block, keep, ef_SX)
-    from .delta_triton import delta_quantize_triton
-
-    if not (trained_SX[0].is_contiguous() and base_EX[0].is_contiguous()):
-        trained_SX, base_EX = trained_SX.contiguous(), base_EX.contiguous()
-    return delta_quantize_triton(trained_SX, base_EX, expert_ids_S, block, keep, ef_SX)
 
 
 def _check_ffn_args(x_TH, topk_idx_TK, topk_w_TK, w_gu_E2IH, w_d_EHI, ids_S, w_gu_S2IH, w_d_SHI) -> None:

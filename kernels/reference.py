@@ -130,38 +130,3 @@ def topk_blockwise_scatter(idx_NK: torch.Tensor, val_NK: torch.Tensor, block: in
     dense = torch.zeros(idx_NK.shape[0], block, dtype=torch.float32)
     dense.scatter_(1, idx_NK.long(), val_NK.float())
     return dense.flatten()[:numel].view(shape)
-
-
-def delta_quantize(
-    trained_SX: torch.Tensor,
-    base_EX: torch.Tensor,
-    expert_ids_S: torch.Tensor,
-    block: int,
-    keep: int | None = None,
-    ef_SX: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code each selected expert's delta v = trained[s] − base[ids[s]] (+ ef[s]) with the codec above.
-
-    trained_SX holds the S selected experts' tensors (e.g. one projection of the compact trainable
-    weights), base_EX all E experts' frozen tensors of the same shape. The delta is taken in fp32.
-    keep None: int8_blockwise_quantize per expert → (q [S, N, B] int8, scale [S, N] fp32).
-    keep k:    topk_blockwise per expert         → (idx [S, N, k] int16, val [S, N, k] fp32).
-    With ef_SX (fp32, same shape as trained_SX) the error feedback is updated in place to
-    v − decode(code(v)), i.e. whatever this round's coding dropped, to be added next round.
-    """
-    firsts, seconds = [], []
-    for s, e in enumerate(expert_ids_S.tolist()):
-        v = trained_SX[s].detach().float() - base_EX[e].detach().float()
-        if ef_SX is not None:
-            v = v + ef_SX[s]
-        if keep is None:
-            a, b = int8_blockwise_quantize(v, block)
-            decoded = int8_blockwise_dequantize(a, b, tuple(v.shape))
-        else:
-            a, b = topk_blockwise(v, block, keep)
-            decoded = topk_blockwise_scatter(a.cpu(), b.cpu(), block, tuple(v.shape)).to(v.device)
-        if ef_SX is not None:
-            ef_SX[s] = v - decoded
-        firsts.append(a)
-        seconds.append(b)
-    return torch.stack(firsts), torch.stack(seconds)

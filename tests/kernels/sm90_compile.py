@@ -20,7 +20,6 @@ SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 
 
 def specs():
-    from expertmesh.kernels import delta_triton as dq
     from expertmesh.kernels import ffn_bwd_kernels as bwd
     from expertmesh.kernels import ffn_fwd_kernels as fwd
     from expertmesh.kernels.ffn_triton import GPU_TILES as c
@@ -46,15 +45,6 @@ def specs():
         "ffn_dw_down_bwd": (bwd.ffn_dw_down_bwd, dict(dy_ptr="*bf16", sdy_t=H, sdy_h=1, gu_ptr="*bf16",
                                                       rw_ptr="*bf16", perm_ptr="*i32", offsets_ptr="*i32",
                                                       dw_ptr="*bf16", K=K, H=H, I=I, **tiles)),
-        "delta_int8_kernel": (dq.delta_int8_kernel, dict(trained_ptr="*bf16", base_ptr="*bf16", ids_ptr="*i64",
-                                                         ef_ptr="*fp32", q_ptr="*i8", scale_ptr="*fp32",
-                                                         st_s=2 * I * H, sb_e=2 * I * H, NUMEL=I * H,
-                                                         N_BLOCKS=I * H // 256, BLOCK=256, BLOCK_P2=256, HAS_EF=True)),
-        "delta_topk_kernel": (dq.delta_topk_kernel, dict(trained_ptr="*bf16", base_ptr="*bf16", ids_ptr="*i64",
-                                                         ef_ptr="*fp32", idx_ptr="*i16", val_ptr="*fp32",
-                                                         st_s=2 * I * H, sb_e=2 * I * H, NUMEL=I * H,
-                                                         N_BLOCKS=I * H // 256, BLOCK=256, KEEP=16, BLOCK_P2=256,
-                                                         HAS_EF=True)),
     }
 
 

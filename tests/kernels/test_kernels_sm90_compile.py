@@ -26,7 +26,7 @@ def report() -> dict:
 
 def test_all_kernels_compile_for_sm90(report):
     assert set(report) == {"ffn_up_fwd", "ffn_down_fwd", "ffn_dgu_bwd", "ffn_dx_bwd", "ffn_dw_gate_up_bwd",
-                           "ffn_dw_down_bwd", "delta_int8_kernel", "delta_topk_kernel"}
+                           "ffn_dw_down_bwd"}
     for name, r in report.items():
         assert r["cubin_bytes"] > 0 and r["smem_ok"], (name, r)
         assert r["stack"] == 0, f"{name} spills registers: {r}"
