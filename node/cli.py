@@ -135,7 +135,7 @@ def delta_inspect(
         raise UsageError(f"{file} is {file.stat().st_size} bytes, over --max-bytes {max_bytes}")
     size = file.stat().st_size
     h = read_delta_header(file.read_bytes(), max_bytes)
-    n_experts = sum(len(es) for es in h.experts.values())
+    n_experts, layers = len(h.experts), h.experts.layers()
     params = n_experts * 3 * h.hidden * h.intermediate
     codec = h.codec + (f" (block {h.block})" if h.block else "") + (f", keep {h.keep} per block" if h.keep else "")
     print(f"file: {file}")
@@ -143,8 +143,8 @@ def delta_inspect(
     print(f"model_version: {h.model_version}")
     print(f"token_count: {h.token_count}")
     print(f"data_digest: {h.data_digest}")
-    print(f"experts: {n_experts} in {len(h.experts)} layers (hidden {h.hidden}, intermediate {h.intermediate})")
-    for layer, ids in sorted(h.experts.items()):
+    print(f"experts: {n_experts} in {len(layers)} layers (hidden {h.hidden}, intermediate {h.intermediate})")
+    for layer, ids in layers.items():
         print(f"  layer {layer}: {' '.join(map(str, ids))}")
     print(f"bytes: {size}")
     print(f"ratio_vs_fp32: {params * 4 / size:.2f}x ({params * 4} bytes dense)")

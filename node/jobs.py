@@ -22,8 +22,9 @@ from expertmesh.node.moe import MoEModel, load_model, read_config
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.node.profile import RoutingProfile, batches
 from expertmesh.node.defaults import DEFAULT_LR, DEFAULT_P
-from expertmesh.node.select import from_esft_json, select_experts, to_esft_json
+from expertmesh.node.select import read_esft, select_experts
 from expertmesh.node.train import SelectiveExperts, TrainConfig, train_resumable
+from expertmesh.node.tomlconfig import validate
 from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
 SEQ_LEN = 256
@@ -81,7 +82,7 @@ def _chain(first, rest):
 def run_select(profile: Path, out: Path, score: str = "token", p: float = DEFAULT_P, min_per_layer: int = 1,
                max_per_layer: int | None = None) -> dict:
     chosen = select_experts(_read_json(profile), score, p, min_per_layer, max_per_layer)
-    doc = to_esft_json(chosen)
+    doc = chosen.to_esft()
     _write_json(out, doc)
     return doc
 
@@ -89,10 +90,10 @@ def run_select(profile: Path, out: Path, score: str = "token", p: float = DEFAUL
 def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path | None = None,
               text_field: str | None = None, template: str | None = None, lr: float = DEFAULT_LR, batch_size: int = 8,
               seed: int = 0, eval_tokens: int = 16_384, checkpoint_every: int = 0, log_every: int = 10) -> dict:
-    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    cfg = validate(TrainConfig, {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}, None, "", flags=True)
     train_texts, held_texts = split(iter_texts(data, text_field, template), DEFAULT_FRACTION)
     moe, tokenizer = _load(model_dir)
-    selection = from_esft_json(_read_json(experts), moe)
+    selection = read_esft(_read_json(experts), moe)
     rows = data_rows(tokenizer, train_texts)
     held = data_rows(tokenizer, held_texts, eval_tokens) if held_texts else torch.empty(0, SEQ_LEN, dtype=torch.long)
     torch.manual_seed(seed)
@@ -117,9 +118,9 @@ def run_train(data: Path, experts: Path, steps: int, out: Path, model_dir: Path 
     expert_params = sum(l.experts.gate_up_proj.numel() + l.experts.down_proj.numel() for l in moe.layers)
     summary = {
         "model": moe.source, "data": str(data), "data_sha256": file_digest(data), "experts_file": str(experts),
-        "selected_experts": sum(len(v) for v in selection.values()), "trainable_parameters": sel.num_parameters(),
+        "selected_experts": len(selection), "trainable_parameters": sel.num_parameters(),
         "trainable_fraction_of_expert_parameters": round(sel.num_parameters() / expert_params, 4),
-        "optimizer_state_bytes": trainer.optimizer_state_bytes(), "config": cfg.__dict__, "resumed_from_step": resumed_from,
+        "optimizer_state_bytes": trainer.optimizer_state_bytes(), "config": cfg.model_dump(), "resumed_from_step": resumed_from,
         "train_rows": int(rows.shape[0]), "heldout_eval_tokens": int(held.numel()),
         "tokens": tokens, "seconds": round(seconds, 2),
         "heldout_loss_before": before, "heldout_loss_after": after, "train_loss": trainer.losses,

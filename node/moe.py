@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
+from expertmesh.protocol.experts import PROJS, expert_key, parse_expert_key, proj_shape
 
 # model_type -> (on-disk per-expert prefix inside a decoder layer, on-disk names of gate/up/down)
 ARCHITECTURES: dict[str, tuple[str, tuple[str, str, str]]] = {
@@ -75,12 +75,17 @@ class MoEModel:
         views = (gu[:I], gu[I:], lay.experts.down_proj[expert])
         return {expert_key(layer, expert, p): v for p, v in zip(PROJS, views)}
 
+    def weight(self, key: str) -> torch.Tensor:
+        """The view of one expert tensor named canonically (writes go to the model)."""
+        layer, expert, _ = parse_expert_key(key)
+        return self.expert_weights(layer, expert)[key]
+
     @torch.no_grad()
     def add_delta(self, delta: dict[str, torch.Tensor], alpha: float = 1.0) -> None:
         """θ += alpha·Δ for the experts a (validated, canonical-keyed) delta names; nothing else changes."""
         for key, d in delta.items():
-            layer, expert, _ = parse_expert_key(key)
-            self.expert_weights(layer, expert)[key].add_(d.to(self.layer(layer).experts.down_proj.dtype), alpha=alpha)
+            w = self.weight(key)
+            w.add_(d.to(w.dtype), alpha=alpha)
 
     def disk_name(self, layer: int, expert: int, proj: str) -> str:
         prefix, names = ARCHITECTURES[self.arch]
@@ -90,10 +95,9 @@ class MoEModel:
         """Canonical name -> shape for every expert tensor (what a delta may contain)."""
         out = {}
         for lay in self.layers:
-            I, H = lay.intermediate, lay.hidden
             for e in range(lay.num_experts):
-                for p, shape in zip(PROJS, ((I, H), (I, H), (H, I))):
-                    out[expert_key(lay.index, e, p)] = shape
+                for p in PROJS:
+                    out[expert_key(lay.index, e, p)] = proj_shape(p, lay.hidden, lay.intermediate)
         return out
 
 

@@ -1,4 +1,4 @@
-"""ESFT expert selection from a routing profile (dict in, dict out).
+"""ESFT expert selection from a routing profile (profile dict in, ExpertSet out).
 
 Per layer, each expert's score is normalised per token: token score = count / (N·k), gate score =
 gate_sum / N. Experts are taken in descending score order until the cumulative score reaches p; the
@@ -7,6 +7,7 @@ expert that crosses p is included. Then min/max per layer apply.
 from __future__ import annotations
 
 from expertmesh.node.defaults import DEFAULT_P
+from expertmesh.protocol.experts import ExpertSet
 
 
 class SelectionError(ValueError):
@@ -28,7 +29,7 @@ def layer_scores(profile: dict, score: str = "token") -> dict[int, list[float]]:
 
 
 def select_experts(profile: dict, score: str = "token", p: float = DEFAULT_P, min_per_layer: int = 1,
-                   max_per_layer: int | None = None) -> dict[int, list[int]]:
+                   max_per_layer: int | None = None) -> ExpertSet:
     if not 0 < p <= 1:
         raise SelectionError(f"--p must be in (0, 1], got {p}")
     if min_per_layer < 0 or (max_per_layer is not None and max_per_layer < max(1, min_per_layer)):
@@ -46,37 +47,22 @@ def select_experts(profile: dict, score: str = "token", p: float = DEFAULT_P, mi
             picked = order[:min_per_layer]
         if max_per_layer is not None:
             picked = picked[:max_per_layer]
-        chosen[layer] = sorted(picked)
-    return chosen
+        chosen[layer] = picked
+    return ExpertSet.from_layers(chosen)
 
 
-def to_esft_json(experts: dict[int, list[int]]) -> dict:
-    return {"experts": {str(l): ids for l, ids in sorted(experts.items())}, "shared_experts": False, "non_expert_modules": False}
-
-
-def from_esft_json(doc: dict, moe=None) -> dict[int, list[int]]:
+def read_esft(doc: object, moe=None) -> ExpertSet:
     """Parse ESFT's experts.json; with `moe`, check every layer and expert exists in that model."""
     try:
-        experts = {int(l): sorted({int(e) for e in ids}) for l, ids in doc["experts"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise SelectionError('not an ESFT experts file: want {"experts": {"<layer>": [ids]}, ...}') from None
-    if doc.get("shared_experts") or doc.get("non_expert_modules"):
-        raise SelectionError("training shared experts or non-expert modules is not supported; set both flags to false")
+        experts = ExpertSet.from_esft(doc)
+    except ValueError as exc:
+        raise SelectionError(str(exc)) from None
     if moe is not None:
         sizes = {lay.index: lay.num_experts for lay in moe.layers}
-        for l, ids in experts.items():
+        for l, ids in experts.layers().items():
             if l not in sizes:
                 raise SelectionError(f"experts file names layer {l}, which is not an MoE layer of the model (MoE layers: {sorted(sizes)})")
-            bad = [e for e in ids if not 0 <= e < sizes[l]]
+            bad = [e for e in ids if not e < sizes[l]]
             if bad:
                 raise SelectionError(f"experts file names expert(s) {bad} in layer {l}; the model has experts 0..{sizes[l] - 1}")
-    if not any(experts.values()):
-        raise SelectionError("experts file selects no experts")
-    return {l: ids for l, ids in experts.items() if ids}
-
-
-def jaccard(a: dict[int, list[int]], b: dict[int, list[int]]) -> float:
-    """Jaccard overlap of two selections as sets of (layer, expert)."""
-    sa = {(l, e) for l, ids in a.items() for e in ids}
-    sb = {(l, e) for l, ids in b.items() for e in ids}
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+    return experts

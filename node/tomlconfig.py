@@ -54,8 +54,11 @@ def _set_dotted(doc: dict, dotted: str, value: Any) -> None:
     doc[leaf] = value
 
 
-def validate(model: type[M], doc: dict, overrides: dict[str, Any] | None, label: str) -> M:
-    """Validate a config document; `overrides` maps dotted field names to values (CLI flags; None: unset)."""
+def validate(model: type[M], doc: dict, overrides: dict[str, Any] | None, label: str, flags: bool = False) -> M:
+    """Validate a config document; `overrides` maps dotted field names to values (CLI flags; None: unset).
+
+    With `flags` the document came from command-line flags, and the error names the flag (--batch-size).
+    """
     doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
     for dotted, value in (overrides or {}).items():
         if value is not None:
@@ -66,6 +69,8 @@ def validate(model: type[M], doc: dict, overrides: dict[str, Any] | None, label:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        if flags:
+            raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']}, got {first.get('input')!r}{more}") from None
         raise ConfigError(f"{label} config: {where}: {first['msg']}{more}") from None
 
 

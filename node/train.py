@@ -11,52 +11,47 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from expertmesh.kernels import expert_ffn
 from expertmesh.node.defaults import DEFAULT_LR
+from expertmesh.node.tomlconfig import Section
 from expertmesh.protocol.files import atomic_write, fsync_path
 from expertmesh.node.moe import MoEModel
-from expertmesh.protocol.names import expert_key
+from expertmesh.protocol.experts import ExpertSet, expert_key
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    lr: float = DEFAULT_LR
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
+class TrainConfig(Section):
+    """The inner loop's hyper-parameters: `expertmesh train`'s flags, and the base of the miner's [train]."""
 
-    def __post_init__(self):
-        if self.steps < 0:
-            raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+    steps: int = Field(..., ge=0, le=1_000_000, description="H: AdamW steps")
+    lr: float = Field(DEFAULT_LR, gt=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0, le=10)
+    clip: float = Field(1.0, gt=0, le=1e6, description="gradient norm clip")
+    batch_size: int = Field(8, ge=1, le=4096, description="rows per step")
+    seed: int = Field(0, ge=0, description="batch order and initialisation")
 
 
 class SelectiveExperts:
     """Compact trainable copies of the selected experts, patched into the model's expert forward."""
 
-    def __init__(self, moe: MoEModel, selection: dict[int, list[int]]):
+    def __init__(self, moe: MoEModel, selection: ExpertSet):
         self.moe = moe
-        self.selection = {l: sorted(ids) for l, ids in sorted(selection.items()) if ids}
+        self.selection = selection
+        self.by_layer = selection.layers()
         for p in moe.model.parameters():
             p.requires_grad_(False)
         self.ids: dict[int, torch.Tensor] = {}
         self.gate_up: dict[int, nn.Parameter] = {}
         self.down: dict[int, nn.Parameter] = {}
-        for l, ids in self.selection.items():
+        for l, ids in self.by_layer.items():
             experts = moe.layer(l).experts
             idx = torch.tensor(ids, dtype=torch.long)
             self.ids[l] = idx
@@ -71,7 +66,7 @@ class SelectiveExperts:
         return forward
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for l in self.selection for p in (self.gate_up[l], self.down[l])]
+        return [p for l in self.by_layer for p in (self.gate_up[l], self.down[l])]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -80,7 +75,7 @@ class SelectiveExperts:
     def delta(self) -> dict[str, torch.Tensor]:
         """trained − base for every selected expert, keyed by canonical name (fp32, contiguous)."""
         out = {}
-        for l, ids in self.selection.items():
+        for l, ids in self.by_layer.items():
             lay = self.moe.layer(l)
             I = lay.intermediate
             for s, e in enumerate(ids):
@@ -92,7 +87,7 @@ class SelectiveExperts:
 
     def detach(self) -> None:
         """Restore the model's own expert forward (the fused weights were never changed)."""
-        for l in self.selection:
+        for l in self.by_layer:
             self.moe.layer(l).experts.__dict__.pop("forward", None)
 
 
@@ -143,15 +138,15 @@ class Trainer:
         crash at any point leaves the previous state.json and the files it names intact.
         """
         path.mkdir(parents=True, exist_ok=True)
-        params = {f"{l}.gate_up": self.sel.gate_up[l].detach() for l in self.sel.selection}
-        params |= {f"{l}.down": self.sel.down[l].detach() for l in self.sel.selection}
+        params = {f"{l}.gate_up": self.sel.gate_up[l].detach() for l in self.sel.by_layer}
+        params |= {f"{l}.down": self.sel.down[l].detach() for l in self.sel.by_layer}
         opt_t = {f"{i}.{k}": torch.as_tensor(v) for i, st in self.opt.state_dict()["state"].items() for k, v in st.items()}
         files = {"trainable": f"trainable-{self.step}.safetensors", "optimizer": f"optimizer-{self.step}.safetensors"}
         for name, tensors in (("trainable", params), ("optimizer", opt_t)):
             save_file({k: v.contiguous() for k, v in tensors.items()}, path / files[name])
             fsync_path(path / files[name])
-        meta = {"step": self.step, "losses": self.losses, "config": asdict(self.cfg), "files": files,
-                "selection": {str(l): ids for l, ids in self.sel.selection.items()}, **(extra or {})}
+        meta = {"step": self.step, "losses": self.losses, "config": self.cfg.model_dump(), "files": files,
+                "selection": self.sel.selection.to_esft(), **(extra or {})}
         atomic_write(path / "state.json", json.dumps(meta))
         for f in [*path.glob("*.safetensors"), *path.glob(".state.json.*.tmp")]:  # what a killed save left
             if f.name not in files.values():
@@ -159,11 +154,11 @@ class Trainer:
 
     def load_state(self, path: Path) -> dict:
         meta = json.loads((path / "state.json").read_text())
-        if meta["selection"] != {str(l): ids for l, ids in self.sel.selection.items()}:
+        if meta["selection"] != self.sel.selection.to_esft():
             raise ValueError(f"{path}: saved state is for a different expert selection; remove it to start afresh")
         params = load_file(path / meta["files"]["trainable"])
         with torch.no_grad():
-            for l in self.sel.selection:
+            for l in self.sel.by_layer:
                 self.sel.gate_up[l].copy_(params[f"{l}.gate_up"])
                 self.sel.down[l].copy_(params[f"{l}.down"])
         opt_t = load_file(path / meta["files"]["optimizer"])

@@ -26,7 +26,7 @@ from expertmesh.kernels import reference as K
 from expertmesh.protocol.delta_format import (CODECS, MAX_BLOCK, METADATA_KEY, MIN_BLOCK, PARTS, DeltaHeader, DeltaSpec,
                                    Expected, fail, expected_shape, read_container)
 from expertmesh.protocol.errors import DeltaFormatError
-from expertmesh.protocol.names import parse_expert_key
+from expertmesh.protocol.experts import ExpertSet, parse_expert_key, proj_shape
 
 DEFAULT_MAX_BYTES = 4 << 30
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8, "I16": torch.int16}
@@ -74,14 +74,12 @@ def data_digest(data: bytes) -> str:
 def _header_for(delta: Mapping[str, torch.Tensor], meta: DeltaMeta, config: CodecConfig) -> DeltaHeader:
     if not delta:
         raise ValueError("empty delta: select at least one expert")
-    experts: dict[int, set[int]] = {}
     dims: set[tuple[int, int]] = set()
     for key, t in delta.items():
-        layer, expert, proj = parse_expert_key(key)
-        experts.setdefault(layer, set()).add(expert)
+        proj = parse_expert_key(key)[2]
         if t.dim() != 2:
             raise ValueError(f"{key} has shape {list(t.shape)}; expert projections are 2-D")
-        dims.add(tuple(t.shape[::-1]) if proj == "down_proj" else tuple(t.shape))  # as (I, H)
+        dims.add(proj_shape(proj, t.shape[1], t.shape[0]))  # (I, H) for every projection: the rule is its own inverse
         if not torch.isfinite(t).all():
             raise ValueError(f"{key} has NaN or inf entries; fix training before encoding")
     if len(dims) != 1:
@@ -91,7 +89,7 @@ def _header_for(delta: Mapping[str, torch.Tensor], meta: DeltaMeta, config: Code
     header = DeltaHeader(codec=config.codec, block=0 if dense else config.block,
                          keep=config.keep if config.codec == "topk+int8" else 0, model_version=meta.model_version,
                          token_count=meta.token_count, data_digest=meta.data_digest, hidden=hidden,
-                         intermediate=inter, experts={l: tuple(sorted(es)) for l, es in experts.items()})
+                         intermediate=inter, experts=ExpertSet.from_keys(delta))
     if set(header.keys()) != set(delta):
         raise ValueError("every selected expert needs all of gate_proj, up_proj and down_proj")
     return header

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from expertmesh.protocol.errors import DeltaFormatError
-from expertmesh.protocol.names import PROJS, parse_expert_key
+from expertmesh.protocol.experts import ExpertSet, parse_expert_key, proj_shape
 
-FORMAT = "expertmesh-delta/1"
+FORMAT = "expertmesh-delta/2"  # 2: experts is the ExpertSet object (ESFT form)
 METADATA_KEY = "expertmesh"
 CODECS = ("fp32", "bf16", "int8", "topk+int8")
 # tensor parts per codec: suffix -> safetensors dtype ("" is the canonical name itself)
@@ -48,7 +48,7 @@ class DeltaSpec:
         layer, expert, proj = parse_expert_key(key)
         if layer >= self.num_layers or expert >= self.num_experts:
             return None
-        return (self.hidden, self.intermediate) if proj == "down_proj" else (self.intermediate, self.hidden)
+        return proj_shape(proj, self.hidden, self.intermediate)
 
 
 Expected = DeltaSpec | Mapping[str, tuple[int, ...]]
@@ -71,16 +71,16 @@ class DeltaHeader:
     data_digest: str  # hex sha256 of the data the delta was trained on
     hidden: int
     intermediate: int
-    experts: dict[int, tuple[int, ...]]  # layer -> sorted expert ids
+    experts: ExpertSet
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "codec": self.codec, "block": self.block, "keep": self.keep,
                            "model_version": self.model_version, "token_count": self.token_count,
                            "data_digest": self.data_digest, "hidden": self.hidden, "intermediate": self.intermediate,
-                           "experts": {str(k): list(v) for k, v in sorted(self.experts.items())}}, sort_keys=True)
+                           "experts": self.experts.to_esft()}, sort_keys=True)
 
     def shape(self, proj: str) -> tuple[int, int]:
-        return (self.hidden, self.intermediate) if proj == "down_proj" else (self.intermediate, self.hidden)
+        return proj_shape(proj, self.hidden, self.intermediate)
 
     def part_shapes(self, proj: str) -> dict[str, tuple[int, ...]]:
         """The stored shape of each tensor part of one projection under this header's codec."""
@@ -93,7 +93,7 @@ class DeltaHeader:
         return {".idx": (n_blocks, width), **parts} if self.codec == "topk+int8" else parts
 
     def keys(self) -> list[str]:
-        return [f"layers.{l}.experts.{e}.{p}" for l, es in sorted(self.experts.items()) for e in es for p in PROJS]
+        return self.experts.keys()
 
 
 def _int(d: dict, name: str, lo: int, hi: int) -> int:
@@ -120,21 +120,14 @@ def parse_header(text: str) -> DeltaHeader:
     keep = _int(d, "keep", 1, block) if codec == "topk+int8" else _int(d, "keep", 0, 0)
     if not isinstance(d["data_digest"], str) or not _HEX64.match(d["data_digest"]):
         fail("data_digest must be 64 lowercase hex characters (a sha256)")
-    experts = d["experts"]
-    if not isinstance(experts, dict) or not experts:
-        fail("experts must be a non-empty {layer: [expert ids]} object")
-    parsed: dict[int, tuple[int, ...]] = {}
-    for layer, ids in experts.items():
-        if not (isinstance(layer, str) and layer.isdigit() and str(int(layer)) == layer):
-            fail(f"experts: layer {layer!r} is not a decimal integer")
-        if not isinstance(ids, list) or not ids or any(type(i) is not int or i < 0 for i in ids) \
-                or ids != sorted(set(ids)):
-            fail(f"experts[{layer}] must be a non-empty strictly increasing list of expert ids")
-        parsed[int(layer)] = tuple(ids)
+    try:
+        experts = ExpertSet.from_json(d["experts"])
+    except ValueError as exc:
+        fail(str(exc))
     return DeltaHeader(codec=codec, block=block, keep=keep, model_version=_int(d, "model_version", 0, 2**64 - 1),
                        token_count=_int(d, "token_count", 0, 2**64 - 1), data_digest=d["data_digest"],
                        hidden=_int(d, "hidden", 1, 1 << 20), intermediate=_int(d, "intermediate", 1, 1 << 20),
-                       experts=parsed)
+                       experts=experts)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from expertmesh.protocol.admission import AdmissionConfig  # noqa: E402
 from expertmesh.protocol.backend import ValidatorBackend  # noqa: E402
 from expertmesh.protocol.client import ClientConfig, ValidatorClient, sign_upload  # noqa: E402
 from expertmesh.protocol.codec import CodecConfig, DeltaMeta, decode_delta, encode_delta  # noqa: E402
-from expertmesh.protocol.names import parse_expert_key  # noqa: E402
+from expertmesh.protocol.experts import parse_expert_key  # noqa: E402
 from expertmesh.protocol.server import ServerConfig, ValidatorServer  # noqa: E402
 from expertmesh.protocol.types import Receipt  # noqa: E402
 

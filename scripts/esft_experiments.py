@@ -26,7 +26,8 @@ from expertmesh.node.jobs import data_rows
 from expertmesh.node.moe import load_model
 from expertmesh.node.paths import DEFAULT_MODEL
 from expertmesh.node.profile import RoutingProfile, batches
-from expertmesh.node.select import jaccard, select_experts
+from expertmesh.node.select import select_experts
+from expertmesh.protocol.experts import ExpertSet
 from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
 from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
@@ -38,12 +39,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def selection_for(moe, rows, p: float) -> tuple[dict, dict]:
+def selection_for(moe, rows, p: float) -> tuple[dict, ExpertSet]:
     prof = RoutingProfile(moe).run(batches(rows, 16)).to_json()
     return prof, select_experts(prof, "token", p)
 
 
-def train_and_eval(moe, rows, held: dict, selection: dict, steps: int, lr: float, seed: int = 0) -> dict:
+def train_and_eval(moe, rows, held: dict, selection: ExpertSet, steps: int, lr: float, seed: int = 0) -> dict:
     base = {k: v.clone() for k, v in moe.model.state_dict().items()}
     sel = SelectiveExperts(moe, selection)
     t0 = time.time()
@@ -53,7 +54,7 @@ def train_and_eval(moe, rows, held: dict, selection: dict, steps: int, lr: float
     moe.add_delta(sel.delta())
     after = {d: round(mean_loss(moe.model, h), 4) for d, h in held.items()}
     moe.model.load_state_dict(base)
-    return {"heldout_after": after, "seconds": round(seconds, 1), "experts": sum(map(len, selection.values()))}
+    return {"heldout_after": after, "seconds": round(seconds, 1), "experts": len(selection)}
 
 
 def main() -> None:
@@ -84,10 +85,10 @@ def main() -> None:
     result["overlap"] = {
         "p": args.p, "profile_tokens": PROFILE_TOKENS,
         "selected": {k: sum(map(len, v.values())) for k, v in sels.items()},
-        "jaccard_math_literature": round(jaccard(sels["math"], sels["literature"]), 3),
-        "jaccard_math_code": round(jaccard(sels["math"], sels["code"]), 3),
-        "jaccard_literature_code": round(jaccard(sels["literature"], sels["code"]), 3),
-        "jaccard_math_halves": round(jaccard(sels["math_a"], sels["math_b"]), 3),
+        "jaccard_math_literature": round(sels["math"].jaccard(sels["literature"]), 3),
+        "jaccard_math_code": round(sels["math"].jaccard(sels["code"]), 3),
+        "jaccard_literature_code": round(sels["literature"].jaccard(sels["code"]), 3),
+        "jaccard_math_halves": round(sels["math_a"].jaccard(sels["math_b"]), 3),
     }
     log(f"overlap {result['overlap']}")
 
@@ -112,12 +113,12 @@ def main() -> None:
     _, esft_sel = selection_for(moe, prof_rows["math"], best["p"])
     rng = random.Random(0)
     n_exp = {l.index: l.num_experts for l in moe.layers}
-    random_sel = {l: sorted(rng.sample(range(n_exp[l]), len(ids))) for l, ids in esft_sel.items()}
+    random_sel = ExpertSet((l, e) for l, ids in esft_sel.layers().items() for e in rng.sample(range(n_exp[l]), len(ids)))
     result["esft_vs_random"] = {
         "steps": args.steps, "lr": best["lr"], "p": best["p"], "batch_tokens": 8 * 256,
         "esft": train_and_eval(moe, rows_math, held, esft_sel, args.steps, best["lr"]),
         "random": train_and_eval(moe, rows_math, held, random_sel, args.steps, best["lr"]),
-        "jaccard_esft_random": round(jaccard(esft_sel, random_sel), 3),
+        "jaccard_esft_random": round(esft_sel.jaccard(random_sel), 3),
     }
     log(f"esft vs random {result['esft_vs_random']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from expertmesh.node.moe import MoEModel
-from expertmesh.protocol.names import parse_expert_key
+from expertmesh.protocol.experts import ExpertSet, parse_expert_key
 
 
 class CheckFailed(ValueError):
@@ -28,7 +28,7 @@ class CheckFailed(ValueError):
 @dataclass(frozen=True)
 class CheckedDelta:
     tensors: dict[str, torch.Tensor]
-    experts: tuple[tuple[int, int], ...]  # (layer, expert), sorted
+    experts: ExpertSet
     norm: float  # ‖Δ‖ over all tensors
     relative_norm: float  # ‖Δ‖ / ‖W‖ over the touched experts
     max_expert_ratio: float  # max over experts of ‖Δ_e‖ / ‖W_e‖
@@ -65,4 +65,4 @@ def check_delta(tensors: Mapping[str, torch.Tensor], model_version: int, base_ve
                                       f"norm, over the cap of {max_update_ratio}")
     norm = math.sqrt(sum(sq.values()))
     w_norm = math.sqrt(sum(weight_norms[le] ** 2 for le in sq))
-    return CheckedDelta(dict(tensors), tuple(sorted(sq)), norm, norm / max(w_norm, 1e-12), ratios[worst])
+    return CheckedDelta(dict(tensors), ExpertSet(sq), norm, norm / max(w_norm, 1e-12), ratios[worst])

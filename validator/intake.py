@@ -20,7 +20,7 @@ from expertmesh.protocol.identity import key_id
 from expertmesh.protocol.types import DatasetReceipt, Receipt, Submission
 from expertmesh.validator.config import ValidatorConfig
 from expertmesh.validator.evalset import eval_spec
-from expertmesh.validator.ledger import DatasetRow, Ledger, SubmissionRow, experts_json
+from expertmesh.validator.ledger import DatasetRow, Ledger, SubmissionRow
 from expertmesh.validator.metrics import Metrics
 from expertmesh.validator.registry import DatasetError, Registry
 from expertmesh.validator.rounds import IntakeRefused, RoundBook, now_ms
@@ -95,7 +95,7 @@ class Intake:
         row = SubmissionRow(seq=None, digest=digest, round=env.round, miner=key_id(env.public_key), domain=env.domain,
                             model_version=env.model_version, payload_sha256=env.payload_sha256.hex(),
                             payload_bytes=env.payload_size, path=rel, codec=header.codec,
-                            token_count=header.token_count, experts=experts_json(header.experts),
+                            token_count=header.token_count, experts=header.experts,
                             received_ms=now_ms())
         try:
             self.book.record(row)

@@ -14,6 +14,8 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
+from expertmesh.protocol.experts import ExpertSet
+
 SCHEMA_VERSION = 2  # 2: verdicts.code (was the prefix of reason)
 STATES = ("open", "scoring", "merging", "published", "empty")
 VERDICTS = ("accepted", "zero", "rejected")
@@ -79,8 +81,16 @@ class SubmissionRow:
     path: str  # relative to the state directory
     codec: str
     token_count: int
-    experts: str  # JSON {layer: [ids]}
+    experts: ExpertSet  # stored as its JSON object
     received_ms: int
+
+    def to_db(self) -> tuple:
+        return astuple(self)[:-2] + (json.dumps(self.experts.to_esft(), sort_keys=True), self.received_ms)
+
+    @classmethod
+    def from_db(cls, *values) -> SubmissionRow:
+        *head, experts, received_ms = values
+        return cls(*head, ExpertSet.from_json(json.loads(experts)), received_ms)
 
 
 @dataclass(frozen=True)
@@ -192,7 +202,8 @@ class Ledger:
 
     def _all(self, cls, sql: str, args: tuple = ()) -> list:
         with self._lock:
-            return [cls(*r) for r in self._db.execute(sql, args).fetchall()]
+            make = getattr(cls, "from_db", cls)
+            return [make(*r) for r in self._db.execute(sql, args).fetchall()]
 
     def _one(self, cls, sql: str, args: tuple = ()):
         rows = self._all(cls, sql, args)
@@ -224,7 +235,7 @@ class Ledger:
 
     # --- submissions ---------------------------------------------------------------------------
     def add_submission(self, db: sqlite3.Connection, row: SubmissionRow) -> None:
-        db.execute(_insert(SubmissionRow, "submissions", skip=("seq",)), astuple(row)[1:])
+        db.execute(_insert(SubmissionRow, "submissions", skip=("seq",)), row.to_db()[1:])
 
     def submission(self, digest: str) -> SubmissionRow | None:
         return self._one(SubmissionRow, f"SELECT {_columns(SubmissionRow)} FROM submissions WHERE digest=?", (digest,))
@@ -314,6 +325,3 @@ class Ledger:
             sql, args = sql + " AND registered_ms<=?", args + [before_ms]
         return self._all(DatasetRow, sql + " ORDER BY registered_ms, dataset_id", tuple(args))
 
-
-def experts_json(experts: dict[int, tuple[int, ...] | list[int]]) -> str:
-    return json.dumps({str(l): list(ids) for l, ids in sorted(experts.items())}, sort_keys=True)

@@ -10,17 +10,10 @@ order, keys sorted) in fp32 on CPU, so the same inputs give bit-identical output
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class OuterConfig:
-    lr: float = 0.7
-    momentum: float = 0.9
-    nesterov: bool = True
-
+from expertmesh.validator.config import MergeSection
 
 def merge_weight(score: float, tokens: int, max_tokens: int) -> float:
     """score × tokens; tokens are the miner's own claim, so they are clamped to [1, max_tokens]."""
@@ -49,7 +42,7 @@ class WeightedMean:
 
 
 def outer_step(base: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor],
-               momentum: Mapping[str, torch.Tensor], cfg: OuterConfig
+               momentum: Mapping[str, torch.Tensor], cfg: MergeSection
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(new weights, new momenta) for exactly the keys of mean_delta; a key without momentum starts at zero."""
     new_w, new_m = {}, {}
@@ -58,6 +51,6 @@ def outer_step(base: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.
         m_prev = momentum.get(key)
         m = u.clone() if m_prev is None else m_prev.float() * cfg.momentum + u
         step = (u + m * cfg.momentum) if cfg.nesterov else m
-        new_w[key] = base[key].float() + step * cfg.lr
+        new_w[key] = base[key].float() + step * cfg.outer_lr
         new_m[key] = m
     return new_w, new_m

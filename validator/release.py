@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from expertmesh.protocol.names import PROJS, expert_key, parse_expert_key
+from expertmesh.protocol.experts import ExpertSet, expert_keys
 from expertmesh.validator.config import MergeSection
 from expertmesh.protocol.files import file_sha256, fsync_path
 from expertmesh.validator.judging import decode
 from expertmesh.validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
-from expertmesh.validator.merge import OuterConfig, WeightedMean, outer_step
+from expertmesh.validator.merge import WeightedMean, outer_step
 from expertmesh.validator.publish import manifest_sha256, write_checkpoint
 from expertmesh.validator.runtime import ModelRuntime
 from expertmesh.validator.spool import Spool
@@ -31,14 +31,10 @@ class Release:
     directory: Path
 
 
-def _expert_keys(layer: int, expert: int) -> list[str]:
-    return [expert_key(layer, expert, p) for p in PROJS]
-
-
-def load_momentum(state_dir: Path, refs: dict[tuple[int, int], tuple[str, str]], experts: set[tuple[int, int]]
+def load_momentum(state_dir: Path, refs: dict[tuple[int, int], tuple[str, str]], experts: ExpertSet
                   ) -> dict[str, torch.Tensor]:
     out = {}
-    for le in sorted(experts & refs.keys()):
+    for le in (le for le in experts if le in refs):
         path, sha = refs[le]
         if file_sha256(state_dir / path) != sha:
             raise ValueError(f"{state_dir / path}: momentum file does not match the ledger; the state was altered")
@@ -51,11 +47,10 @@ def save_momentum(state_dir: Path, round_number: int, momentum: dict[str, torch.
     """One safetensors file per expert (gate, up, down momenta), fsynced; never pickle."""
     folder = state_dir / "momentum" / f"r{round_number}"
     folder.mkdir(parents=True, exist_ok=True)
-    experts = sorted({parse_expert_key(k)[:2] for k in momentum})
     refs = {}
-    for layer, expert in experts:
+    for layer, expert in ExpertSet.from_keys(momentum):
         rel = f"momentum/r{round_number}/{layer}.{expert}.safetensors"
-        save_file({k: momentum[k].contiguous() for k in _expert_keys(layer, expert)}, state_dir / rel)
+        save_file({k: momentum[k].contiguous() for k in expert_keys(layer, expert)}, state_dir / rel)
         fsync_path(state_dir / rel)
         refs[(layer, expert)] = (rel, file_sha256(state_dir / rel))
     fsync_path(folder)
@@ -63,18 +58,18 @@ def save_momentum(state_dir: Path, round_number: int, momentum: dict[str, torch.
 
 
 def merge_round(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[SubmissionRow, VerdictRow]],
-                momentum: Callable[[set[tuple[int, int]]], dict[str, torch.Tensor]], cfg: MergeSection
+                momentum: Callable[[ExpertSet], dict[str, torch.Tensor]], cfg: MergeSection
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(new weights, new momenta) of the touched experts; the model itself is not changed here."""
     mean = WeightedMean()
     for sub, verdict in accepted:  # arrival order: the sums run in the same order on every replay
         mean.add(decode(spool, sub, runtime), verdict.weight)
     mean_delta = mean.result()
-    touched = {parse_expert_key(k)[:2] for k in mean_delta}
+    touched = ExpertSet.from_keys(mean_delta)
     base = {}
-    for layer, expert in sorted(touched):
+    for layer, expert in touched:
         base.update({k: v.detach().clone() for k, v in runtime.moe.expert_weights(layer, expert).items()})
-    return outer_step(base, mean_delta, momentum(touched), OuterConfig(cfg.outer_lr, cfg.momentum, cfg.nesterov))
+    return outer_step(base, mean_delta, momentum(touched), cfg)
 
 
 def publish_round(runtime: ModelRuntime, ledger: Ledger, spool: Spool, state_dir: Path, row: RoundRow,
@@ -85,14 +80,13 @@ def publish_round(runtime: ModelRuntime, ledger: Ledger, spool: Spool, state_dir
     new_w, new_m = merge_round(runtime, spool, accepted, lambda ex: load_momentum(state_dir, refs, ex), cfg)
     with torch.no_grad():
         for key, w in new_w.items():
-            layer, expert, _ = parse_expert_key(key)
-            runtime.moe.expert_weights(layer, expert)[key].copy_(w)
+            runtime.moe.weight(key).copy_(w)
     new_refs = save_momentum(state_dir, row.round, new_m)
     parent = ledger.version(row.base_version)
     manifest = {"parent": row.base_version, "parent_manifest_sha256": parent.manifest_sha256, "round": row.round,
                 "merge": {"outer_lr": cfg.outer_lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov},
                 "accepted": [{"submission": s.digest, "miner": s.miner, "domain": s.domain, "score": v.score,
-                              "tokens": s.token_count, "weight": v.weight, "experts": s.experts}
+                              "tokens": s.token_count, "weight": v.weight, "experts": s.experts.to_esft()}
                              for s, v in accepted],
                 "leaderboard": leaderboard_after(ledger, accepted)}
     version = row.base_version + 1

@@ -18,7 +18,6 @@ import torch
 
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.moe import MoEModel
-from expertmesh.protocol.names import parse_expert_key
 
 
 @dataclass(frozen=True)
@@ -55,18 +54,14 @@ class Score:
 @contextmanager
 def applied(moe: MoEModel, delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """θ + Δ inside the block; afterwards the touched weights are restored bit for bit (θ+Δ−Δ is not θ)."""
-    saved = {}
-    for key in delta:
-        layer, expert, _ = parse_expert_key(key)
-        saved[key] = moe.expert_weights(layer, expert)[key].clone()
+    saved = {key: moe.weight(key).clone() for key in delta}
     try:
         moe.add_delta(dict(delta))
         yield
     finally:
         with torch.no_grad():
             for key, w in saved.items():
-                layer, expert, _ = parse_expert_key(key)
-                moe.expert_weights(layer, expert)[key].copy_(w)
+                moe.weight(key).copy_(w)
 
 
 def base_losses(moe: MoEModel, rows: EvalRows) -> BaseLosses:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from expertmesh.protocol.codec import CodecConfig
+from expertmesh.node.train import TrainConfig
 from expertmesh.node.tomlconfig import ConfigError, MetricsSection, Section, load, parse  # noqa: F401  (ConfigError: part of this module's API)
 from expertmesh.protocol.types import DOMAIN_RE
 
@@ -58,7 +59,9 @@ class SelectSection(Section):
     profile_tokens: int = Field(16_384, ge=256, le=1 << 32, description="tokens routed to profile the domain")
 
 
-class TrainSection(Section):
+class TrainSection(TrainConfig):
+    """The trainer's own TrainConfig, with the network's defaults and what a daemon adds."""
+
     steps: int = Field(30, ge=1, le=1_000_000, description="H: inner AdamW steps per round")
     lr: float = Field(1e-3, gt=0, lt=1)
     batch_size: int = Field(8, ge=1, le=4096, description="rows of seq_len tokens per step")

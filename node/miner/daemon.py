@@ -160,7 +160,7 @@ class Miner:
             if self.cfg.data.path is not None:
                 raise  # the operator's own file: a configuration error
             raise CannotTakePart("data", f"the validator's train split is unusable: {exc}") from None
-        n = sum(len(v) for v in plan.selection.values())
+        n = len(plan.selection)
         self.metrics.selected_experts.set(n)
         self.say(f"round {rnd.round}: version {rnd.model_version}, {n} experts selected "
                  f"(p={self.cfg.select.p}), {plan.rows_NL.shape[0]} rows of {data.source}; "

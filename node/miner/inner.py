@@ -17,7 +17,8 @@ from expertmesh.node.miner.config import TrainSection
 from expertmesh.node.miner.metrics import MinerMetrics
 from expertmesh.node.miner.progress import Progress
 from expertmesh.node.moe import MoEModel
-from expertmesh.node.train import SelectiveExperts, TrainConfig, train_resumable
+from expertmesh.node.train import SelectiveExperts, train_resumable
+from expertmesh.protocol.experts import ExpertSet
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,10 @@ class InnerResult:
     losses: list[float]
 
 
-def run_inner(moe: MoEModel, selection: dict[int, list[int]], rows_NL: torch.Tensor, cfg: TrainSection,
+def run_inner(moe: MoEModel, selection: ExpertSet, rows_NL: torch.Tensor, cfg: TrainSection,
               round_seed: int, state_dir: Path, progress: Progress, metrics: MinerMetrics,
               stop: Callable[[], bool]) -> InnerResult:
-    tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed + round_seed)
+    tc = cfg.model_copy(update={"seed": cfg.seed + round_seed})  # each round its own batch order
     torch.manual_seed(tc.seed)
     sel = SelectiveExperts(moe, selection)
 

@@ -21,13 +21,14 @@ from expertmesh.node.miner.data import DomainData
 from expertmesh.node.miner.progress import Progress
 from expertmesh.node.moe import MoEModel
 from expertmesh.node.profile import RoutingProfile
-from expertmesh.node.select import from_esft_json, select_experts, to_esft_json
+from expertmesh.node.select import read_esft, select_experts
+from expertmesh.protocol.experts import ExpertSet
 
 
 @dataclass(frozen=True)
 class Plan:
     rows_NL: torch.Tensor
-    selection: dict[int, list[int]]
+    selection: ExpertSet
     key: str  # names this (version, data, settings) combination
 
 
@@ -50,13 +51,13 @@ def token_rows(tokenizer, model_dir: Path, data: DomainData, cfg: MinerConfig, c
 
 
 def select_for(moe: MoEModel, rows_NL: torch.Tensor, version_tag: str, data: DomainData, cfg: MinerConfig,
-               cache: Path, progress: Progress) -> tuple[dict[int, list[int]], str]:
+               cache: Path, progress: Progress) -> tuple[ExpertSet, str]:
     s = cfg.select
     key = _key(version_tag, data.digest, s.p, s.score, s.min_per_layer, s.max_per_layer, s.profile_tokens,
                cfg.train.seq_len)
     path = cache / f"selection-{key}.json"
     if path.is_file():
-        return from_esft_json(json.loads(path.read_text())["experts"], moe), key
+        return read_esft(json.loads(path.read_text())["experts"], moe), key
     n_rows = max(1, min(rows_NL.shape[0], s.profile_tokens // rows_NL.shape[1]))
     batch = 16
     device = next(moe.model.parameters()).device
@@ -69,7 +70,7 @@ def select_for(moe: MoEModel, rows_NL: torch.Tensor, version_tag: str, data: Dom
     profile = RoutingProfile(moe).run(batches()).to_json()
     chosen = select_experts(profile, s.score, s.p, s.min_per_layer, s.max_per_layer or None)
     atomic_write(path, json.dumps({"version": version_tag, "data": data.digest, "profile": profile,
-                                   "experts": to_esft_json(chosen)}))
+                                   "experts": chosen.to_esft()}))
     return chosen, key
 
 

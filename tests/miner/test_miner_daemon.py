@@ -22,7 +22,7 @@ from expertmesh.node.miner.submit import Outbox
 from expertmesh.protocol import identity
 from expertmesh.protocol.admission import AdmissionConfig
 from expertmesh.protocol.client import ValidatorClient
-from expertmesh.protocol.names import PROJS, expert_key
+from expertmesh.protocol.experts import PROJS, expert_key
 
 
 def free_port() -> int:

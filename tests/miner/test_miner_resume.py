@@ -18,7 +18,7 @@ from expertmesh.node.miner.inner import run_inner
 from expertmesh.node.miner.metrics import MinerMetrics
 from expertmesh.node.miner.progress import Progress
 from expertmesh.node.moe import load_model
-from expertmesh.node.select import from_esft_json
+from expertmesh.node.select import read_esft
 from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta, decode_delta
 from safetensors.torch import load_file
 
@@ -78,7 +78,7 @@ def test_sigkill_mid_inner_loop_resumes_and_submits_once(fake, miner_config, tmp
     (sub, received), = fake.deltas_for(1)
     cache = tmp_path / "state" / "cache"
     moe, _ = load_model(next((tmp_path / "state" / "models").glob("v0-*")))
-    selection = from_esft_json(json.loads(next(cache.glob("selection-*.json")).read_text())["experts"], moe)
+    selection = read_esft(json.loads(next(cache.glob("selection-*.json")).read_text())["experts"], moe)
     rows = load_file(next(cache.glob("rows-*.safetensors")))["rows"]
     train = TrainSection(steps=STEPS, batch_size=4, checkpoint_every=STEPS)
     # One torch thread (conftest), as the miner ran (train.threads = 1): the same reduction order.

@@ -13,7 +13,7 @@ from expertmesh.protocol.backend import ValidatorBackend
 from expertmesh.protocol.client import sign_upload
 from expertmesh.protocol.codec import DeltaSpec, decode_delta
 from expertmesh.protocol.errors import Rejected
-from expertmesh.protocol.names import PROJS, expert_key
+from expertmesh.protocol.experts import PROJS, expert_key
 from expertmesh.protocol.server import ServerConfig
 from expertmesh.protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt,
                             RoundInfo, RoundPhase, Submission)

@@ -38,7 +38,7 @@ def test_round_trip_and_header(codec):
     delta = make_delta(EXPERTS)
     enc = encode_delta(delta, META, CodecConfig(codec, block=64, keep_fraction=0.25))
     dec = decode_delta(enc.payload, SPEC)
-    assert dec.header == enc.header and dec.header.experts == {0: (1, 3), 1: (7,)}
+    assert dec.header == enc.header and dec.header.experts.layers() == {0: (1, 3), 1: (7,)}
     assert dec.header.token_count == 12_345 and dec.header.model_version == 3
     assert dec.tensors.keys() == delta.keys()
     for k, x in delta.items():
@@ -120,8 +120,12 @@ def _set(name, fn):
 
 
 K0 = "layers.0.experts.1.gate_proj"
+
+
+def esft(layers):
+    return {"experts": layers, "shared_experts": False, "non_expert_modules": False}
 BAD = [
-    ("int8", lambda t, h: h.update(experts={"0": [1, 3]}), "do not match the declared experts"),
+    ("int8", lambda t, h: h.update(experts=esft({"0": [1, 3]})), "do not match the declared experts"),
     ("int8", lambda t, h: [t.pop(k) for k in list(t) if k.startswith("layers.1.experts.7.down_proj")],
      "do not match the declared experts"),
     ("int8", lambda t, h: t.update({"layers.0.experts.1.gate_proj.extra": torch.zeros(1)}), "not a canonical"),
@@ -141,8 +145,10 @@ BAD = [
     ("int8", lambda t, h: h.update(token_count=-1), "token_count"),
     ("int8", lambda t, h: h.update(data_digest="xyz"), "data_digest"),
     ("int8", lambda t, h: h.update(extra=1), "exactly the fields"),
-    ("int8", lambda t, h: h.update(format="expertmesh-delta/2"), "format"),
-    ("int8", lambda t, h: h.update(experts={"0": [3, 1], "1": [7]}), "strictly increasing list"),
+    ("int8", lambda t, h: h.update(format="expertmesh-delta/1"), "format"),
+    ("int8", lambda t, h: h.update(experts=esft({"0": [3, 1], "1": [7]})), "strictly increasing list"),
+    ("int8", lambda t, h: h.update(experts={"0": [1, 3], "1": [7]}), "shared_experts"),
+    ("int8", lambda t, h: h.update(experts={**esft({"0": [1, 3], "1": [7]}), "shared_experts": True}), "shared_experts"),
 ]
 
 

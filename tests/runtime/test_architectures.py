@@ -8,6 +8,7 @@ from expertmesh.node.moe import wrap
 from expertmesh.node.profile import RoutingProfile, batches
 from expertmesh.node.select import select_experts
 from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.protocol.experts import ExpertSet
 
 SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, eos_token_id=0, bos_token_id=0, pad_token_id=0)
@@ -55,7 +56,7 @@ def test_profile_select_train_touches_only_selected_experts(arch):
         assert int(prof.counts[lay.index].sum()) == rows.numel() * moe.top_k
         assert prof.gate_sum[lay.index].sum() > 0
     selection = select_experts(prof.to_json(), "token", p=0.3)
-    assert set(selection) == {l.index for l in moe.layers}
+    assert set(selection.layers()) == {l.index for l in moe.layers}
 
     before = copy.deepcopy(model.state_dict())
     sel = SelectiveExperts(moe, selection)
@@ -66,9 +67,8 @@ def test_profile_select_train_touches_only_selected_experts(arch):
         "training must not write into the frozen model"
 
     delta = sel.delta()
-    expected = {f"layers.{l}.experts.{e}.{p}" for l, ids in selection.items() for e in ids
-                for p in ("gate_proj", "up_proj", "down_proj")}
-    assert set(delta) == expected
+    expected = {f"layers.{l}.experts.{e}.{p}" for l, e in selection for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(delta) == expected and set(selection.keys()) == expected
     assert all(d.abs().sum() > 0 for d in delta.values()), "every selected expert changed"
 
     moe.add_delta(delta)  # materialise the trained experts: only their slices may differ from before
@@ -79,13 +79,13 @@ def test_profile_select_train_touches_only_selected_experts(arch):
             continue
         layer = int(name.split(".")[2])
         changed = (old != after[name]).flatten(1).any(dim=1).nonzero().flatten().tolist()
-        assert changed == selection.get(layer, []), f"{name}: changed experts {changed}"
+        assert changed == list(selection.layers().get(layer, ())), f"{name}: changed experts {changed}"
 
     # AdamW moments exist for the selected slices only: two fp32 tensors per trainable parameter
     n_train = sel.num_parameters()
     assert trainer.optimizer_state_bytes() == pytest.approx(2 * 4 * n_train, abs=64)
     expert_params = sum(l.experts.gate_up_proj.numel() + l.experts.down_proj.numel() for l in moe.layers)
-    assert n_train / expert_params == pytest.approx(sum(map(len, selection.values())) / sum(l.num_experts for l in moe.layers))
+    assert n_train / expert_params == pytest.approx(len(selection) / sum(l.num_experts for l in moe.layers))
 
 
 def test_optimizer_state_scales_with_selected_fraction():
@@ -94,7 +94,7 @@ def test_optimizer_state_scales_with_selected_fraction():
     sizes = {}
     for n in (2, 8):
         moe.model.load_state_dict(build("qwen3_moe").state_dict())
-        sel = SelectiveExperts(moe, {l.index: list(range(n)) for l in moe.layers})
+        sel = SelectiveExperts(moe, ExpertSet((l.index, e) for l in moe.layers for e in range(n)))
         tr = Trainer(sel, rows, TrainConfig(steps=1, batch_size=2))
         tr.train()
         sel.detach()

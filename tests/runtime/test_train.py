@@ -3,9 +3,10 @@ import torch
 
 from expertmesh.node.moe import wrap
 from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
+from expertmesh.protocol.experts import ExpertSet
 from tests.runtime.test_architectures import build
 
-SELECTION = {0: [1, 5, 9], 1: [0, 2]}
+SELECTION = ExpertSet.from_layers({0: [1, 5, 9], 1: [0, 2]})
 ROWS = torch.randint(1, 256, (12, 24), generator=torch.Generator().manual_seed(3))
 
 

@@ -6,10 +6,11 @@ import torch
 
 from expertmesh.node.moe import wrap
 from expertmesh.node.train import SelectiveExperts, TrainConfig, Trainer
-from expertmesh.protocol.names import PROJS, expert_key
+from expertmesh.protocol.experts import PROJS, ExpertSet, expert_key
 from tests.runtime.test_architectures import build
 from expertmesh.validator.checks import CheckFailed, check_delta, expert_norms
-from expertmesh.validator.merge import OuterConfig, WeightedMean, merge_weight, outer_step
+from expertmesh.validator.config import MergeSection
+from expertmesh.validator.merge import WeightedMean, merge_weight, outer_step
 from expertmesh.validator.scoring import BaseLosses, EvalRows, applied, base_losses, cosine, evaluate, max_cosine
 
 PATTERN_NL = torch.arange(1, 33).repeat(12, 1) % 200 + 3  # a fixed sequence: easy to learn, easy to unlearn
@@ -34,7 +35,7 @@ def test_checks_accept_a_sane_delta_and_name_every_violation(moe):
     norms = expert_norms(moe)
     d = rand_delta(moe, [(0, 1), (1, 3)])
     ok = check_delta(d, 7, 7, norms, 0.5)
-    assert ok.experts == ((0, 1), (1, 3)) and 0 < ok.max_expert_ratio < 0.5
+    assert list(ok.experts) == [(0, 1), (1, 3)] and 0 < ok.max_expert_ratio < 0.5
     w = math.sqrt(norms[(0, 1)] ** 2 + norms[(1, 3)] ** 2)
     assert ok.relative_norm == pytest.approx(ok.norm / w)
 
@@ -70,7 +71,7 @@ def test_cosine_sees_copies_negations_and_disjoint_experts(moe):
 
 
 def trained_delta(moe, steps=15):
-    sel = SelectiveExperts(moe, {0: list(range(16)), 1: list(range(16))})
+    sel = SelectiveExperts(moe, ExpertSet((l, e) for l in (0, 1) for e in range(16)))
     Trainer(sel, PATTERN_NL, TrainConfig(steps=steps, lr=3e-3, batch_size=4)).train()
     delta = sel.delta()
     sel.detach()
@@ -105,14 +106,14 @@ def test_weighted_mean_normalises_per_expert():
 
 
 def test_outer_nesterov_step_matches_the_formula_over_two_rounds():
-    cfg = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+    cfg = MergeSection(outer_lr=0.7, momentum=0.9, nesterov=True)
     w0, u1, u2 = torch.tensor([1.0, -2.0]), torch.tensor([0.1, 0.2]), torch.tensor([-0.3, 0.05])
     w1, m1 = outer_step({"k": w0}, {"k": u1}, {}, cfg)
     assert torch.allclose(m1["k"], u1) and torch.allclose(w1["k"], w0 + 0.7 * (u1 + 0.9 * u1))
     w2, m2 = outer_step(w1, {"k": u2}, m1, cfg)
     m_expect = 0.9 * u1 + u2
     assert torch.allclose(m2["k"], m_expect) and torch.allclose(w2["k"], w1["k"] + 0.7 * (u2 + 0.9 * m_expect))
-    plain_w, plain_m = outer_step({"k": w0}, {"k": u1}, {"k": u1}, OuterConfig(0.5, 0.5, nesterov=False))
+    plain_w, plain_m = outer_step({"k": w0}, {"k": u1}, {"k": u1}, MergeSection(outer_lr=0.5, momentum=0.5, nesterov=False))
     assert torch.allclose(plain_w["k"], w0 + 0.5 * (0.5 * u1 + u1))
     untouched, _ = outer_step({"k": w0, "other": w0}, {"k": u1}, {}, cfg)
     assert set(untouched) == {"k"}, "only experts with a delta get a new weight"

@@ -1,6 +1,7 @@
 """The round state machine on a real SQLite ledger: transitions, intake limits, atomicity, persistence."""
 import pytest
 
+from expertmesh.protocol.experts import ExpertSet
 from expertmesh.validator.config import RoundsSection
 from expertmesh.validator.ledger import Ledger, SubmissionRow, VerdictRow, VersionRow
 from expertmesh.validator.rounds import IntakeRefused, RoundBook
@@ -17,7 +18,7 @@ class Clock:
 def sub(n: int, miner: str = "m1", round_number: int = 1) -> SubmissionRow:
     return SubmissionRow(seq=None, digest=f"{n:064x}", round=round_number, miner=miner, domain="math", model_version=0,
                          payload_sha256=f"{n + 1000:064x}", payload_bytes=10, path=f"r{round_number}/{n}.delta",
-                         codec="int8", token_count=100, experts='{"0": [1]}', received_ms=0)
+                         codec="int8", token_count=100, experts=ExpertSet([(0, 1)]), received_ms=0)
 
 
 @pytest.fixture

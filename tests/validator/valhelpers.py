@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from expertmesh.protocol.experts import ExpertSet
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH = 20, 1e-3, 4
 FAST_SCORING = {"eval_tokens": 2048, "general_tokens": 1024, "batch_size": 8}  # lean: other work shares the CPUs
@@ -20,7 +22,7 @@ FAST_SCORING = {"eval_tokens": 2048, "general_tokens": 1024, "batch_size": 8}  #
 @dataclass(frozen=True)
 class Trained:
     delta: dict[str, torch.Tensor]
-    selection: dict[int, list[int]]
+    selection: ExpertSet
     tokens: int
 
 
