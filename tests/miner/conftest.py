@@ -1,36 +1,37 @@
-"""Fixtures for the miner and dataset-submission tests: a FakeValidator on a real gRPC server at 127.0.0.1:0."""
+"""Fixtures for the miner and dataset-submission tests: the real validator (no scheduler) on a real gRPC
+server at 127.0.0.1:0."""
 from __future__ import annotations
 
 import pytest
 
-from fakevalidator import FakeValidator
-from expertmesh.node.paths import DEFAULT_MODEL
+from validatorparts import Validator
 from expertmesh.protocol import identity
 from expertmesh.protocol.server import ServerConfig, ValidatorServer
 
 
 @pytest.fixture
-def make_fake(tmp_path):
-    """make_fake(**ServerConfig fields) -> a FakeValidator served on 127.0.0.1:0 (`.address`)."""
-    servers = []
+def make_validator(tmp_path):
+    """make_validator(**ServerConfig fields) -> a Validator served on 127.0.0.1:0 (`.address`)."""
+    made = []
 
-    def make(**server_fields) -> FakeValidator:
-        root = tmp_path / f"validator{len(servers)}"
-        root.mkdir()
-        backend = FakeValidator(root, DEFAULT_MODEL)
-        fields = dict(idle_timeout_s=30.0, max_rpc_s=300.0, max_workers=8) | server_fields
-        servers.append(ValidatorServer(backend, ServerConfig(**fields)))
-        backend.address = servers[-1].address
-        return backend
+    def make(**server_fields) -> Validator:
+        val = Validator(tmp_path / f"validator{len(made)}")
+        fields = dict(idle_timeout_s=30.0, max_rpc_s=300.0, max_workers=8,
+                      spool_dir=val.node.spool.incoming) | server_fields
+        server = ValidatorServer(val, ServerConfig(**fields))
+        val.address = server.address
+        made.append((val, server))
+        return val
 
     yield make
-    for s in servers:
-        s.stop(0)
+    for val, server in made:
+        server.stop(0)
+        val.node.ledger.close()
 
 
 @pytest.fixture
-def fake(make_fake):
-    return make_fake()
+def validator(make_validator):
+    return make_validator()
 
 
 @pytest.fixture

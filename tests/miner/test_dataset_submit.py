@@ -1,6 +1,6 @@
 """`expertmesh dataset submit` through the real CLI: every accepted format registers, every bad file is refused.
 
-The server is a real gRPC server on 127.0.0.1:0 around FakeValidator; token counts use the tokenizer
+The server is a real gRPC server on 127.0.0.1:0 around the real validator (validatorparts.py); token counts use the tokenizer
 fetched from it (verified against its manifest). Bad files must fail with one `error:` line naming
 the problem, exit code 2, and nothing sent.
 """
@@ -66,11 +66,11 @@ def _write(kind: str, dest, records):
 FORMATS = ["jsonl", "jsonl.gz", "json", "csv", "parquet", "txt", "save_to_disk"]
 
 
-def test_every_format_registers_through_the_cli(fake, key_file, records, tmp_path, cli):
+def test_every_format_registers_through_the_cli(validator, key_file, records, tmp_path, cli):
     ids = set()
     for kind in FORMATS:
         path, flags = _write(kind, tmp_path, records)
-        r = cli("dataset", "submit", str(path), "--domain", "math", "--validator", fake.address,
+        r = cli("dataset", "submit", str(path), "--domain", "math", "--validator", validator.address,
                     "--key", str(key_file), "--cache-dir", str(tmp_path / "cache"), *flags, timeout=120)
         assert r.returncode == 0, (kind, r.stderr)
         assert "records: 120" in r.stdout and "preview:" in r.stdout, (kind, r.stdout)
@@ -79,14 +79,15 @@ def test_every_format_registers_through_the_cli(fake, key_file, records, tmp_pat
         dataset_id = next(l for l in r.stdout.splitlines() if l.startswith("registered:")).split()[2]
         ids.add(dataset_id)
     # Same records, same rendering: every format is the same dataset to the validator.
-    assert len(ids) == 1 and fake.dataset_uploads == len(FORMATS)
-    info, train_path, n_train, n_held = fake.datasets[ids.pop()]
-    assert n_train + n_held == 120 and n_train > 0
+    assert len(ids) == 1 and validator.dataset_uploads == len(FORMATS)
+    row = validator.node.ledger.dataset(ids.pop())
+    n_train = row.train_records
+    assert row.records == 120 and row.train_records + row.heldout_records == 120 and n_train > 0
     # The tokenizer was fetched once, verified, and cached: only non-weight files.
     cached = list((tmp_path / "cache" / "tokenizers").glob("v0-*"))
     assert len(cached) == 1 and not list(cached[0].glob("*.safetensors")) and (cached[0] / "tokenizer.json").is_file()
 
-    r = cli("dataset", "list", "--validator", fake.address, "--cache-dir", str(tmp_path / "cache"))
+    r = cli("dataset", "list", "--validator", validator.address, "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     row = next(l for l in r.stdout.splitlines() if l.startswith("math "))
     assert f"{n_train:,}" in row.split()[-2]
@@ -130,12 +131,12 @@ def _bad_files(dest, records):
     return out
 
 
-def test_bad_files_are_refused_with_one_line_and_nothing_sent(fake, key_file, records, tmp_path, cli):
+def test_bad_files_are_refused_with_one_line_and_nothing_sent(validator, key_file, records, tmp_path, cli):
     for name, path, flags, want in _bad_files(tmp_path, records):
-        r = cli("dataset", "submit", str(path), "--domain", "math", "--validator", fake.address,
+        r = cli("dataset", "submit", str(path), "--domain", "math", "--validator", validator.address,
                     "--key", str(key_file), "--cache-dir", str(tmp_path / "cache"), *flags, timeout=120)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, (name, r.stdout, r.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (name, lines)
         assert "Traceback" not in r.stdout + r.stderr
-    assert fake.dataset_uploads == 0 and not fake.datasets
+    assert validator.dataset_uploads == 0 and not validator.node.ledger.datasets()

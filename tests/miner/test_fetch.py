@@ -22,12 +22,12 @@ class CountingClient(ValidatorClient):
         return super().fetch_checkpoint_file(ref, out_path, expected_sha256)
 
 
-def test_fetch_verifies_caches_and_resumes(fake, tmp_path):
-    rnd_sha = fake.current_round().model_sha256
+def test_fetch_verifies_caches_and_resumes(validator, tmp_path):
+    rnd_sha = validator.current_round().model_sha256
     cache = CheckpointCache(tmp_path / "models")
-    published = fake.versions[0][0]
+    published = validator.version(0)[0]
     listed = read(published).files
-    with CountingClient(fake.address) as client:
+    with CountingClient(validator.address) as client:
         # A file the server changed after publishing: refused before a byte lands, good files are kept.
         weights = published / "model.safetensors"
         original = weights.read_bytes()

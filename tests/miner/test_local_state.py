@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from expertmesh.protocol.manifest import read
 from procs import Child
 
 pytestmark = pytest.mark.slow
@@ -23,10 +22,10 @@ CHILD = Path(__file__).with_name("cachechild.py")
 
 
 class CacheChild(Child):
-    def __init__(self, root: Path, fake, *extra: str):
-        sha = fake.current_round().model_sha256.hex()
+    def __init__(self, root: Path, validator, *extra: str):
+        sha = validator.current_round().model_sha256.hex()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(CHILD), str(root), fake.address, "0", sha, *extra],
+        self.proc = subprocess.Popen([sys.executable, str(CHILD), str(root), validator.address, "0", sha, *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self._start_pump()
 
@@ -35,16 +34,16 @@ def _fetched(child: Child) -> list[str]:
     return [l.split()[1] for l in child.lines if l.startswith("fetched ")]
 
 
-def test_many_processes_fill_one_cache_while_one_is_killed_mid_download(fake, tmp_path):
+def test_many_processes_fill_one_cache_while_one_is_killed_mid_download(validator, tmp_path):
     root = tmp_path / "cache"
-    listed = read(fake.versions[0][0]).files
-    victim = CacheChild(root, fake, "--stall", "model.safetensors")
+    listed = validator.listed(0)
+    victim = CacheChild(root, validator, "--stall", "model.safetensors")
     others: list[CacheChild] = []
     try:
         victim.wait_for("stalled model.safetensors", timeout=120)
         part = next(root.glob(".partial-v0-*"))
         assert list(part.glob("upload-*.part"))  # a real half-written file of the victim's is on disk
-        others = [CacheChild(root, fake) for _ in range(4)]
+        others = [CacheChild(root, validator) for _ in range(4)]
         victim.kill(signal.SIGKILL)  # while the others wait for the version it was filling
         codes = [c.wait(180) for c in others]
     finally:
@@ -63,21 +62,19 @@ def test_many_processes_fill_one_cache_while_one_is_killed_mid_download(fake, tm
     assert sorted(survivors + _fetched(victim)) == sorted(listed), (survivors, _fetched(victim))
 
 
-def test_a_version_in_use_is_never_pruned(fake, tmp_path):
-    from fakevalidator import publish
+def test_a_version_in_use_is_never_pruned(validator, tmp_path):
     from expertmesh.node.fetch import CheckpointCache
-    from expertmesh.node.paths import DEFAULT_MODEL
     from expertmesh.protocol.client import ValidatorClient
 
     root = tmp_path / "cache"
-    fake.versions[1] = (fake.root / "v1", publish(DEFAULT_MODEL, fake.root / "v1", 1))
-    with ValidatorClient(fake.address) as client:
+    assert validator.publish_copy() == 1
+    with ValidatorClient(validator.address) as client:
         user = CheckpointCache(root, keep=1)  # flock locks are per open file: two objects act as two processes
-        v0 = user.ensure(client, 0, fake.versions[0][1])
-        v1 = CheckpointCache(root, keep=1).ensure(client, 1, fake.versions[1][1])  # keep=1: v0 would go
+        v0 = user.ensure(client, 0, validator.version(0)[1])
+        v1 = CheckpointCache(root, keep=1).ensure(client, 1, validator.version(1)[1])  # keep=1: v0 would go
         assert v0.is_dir() and v1.is_dir()
         user.release()
-        assert CheckpointCache(root, keep=1).ensure(client, 1, fake.versions[1][1]) == v1
+        assert CheckpointCache(root, keep=1).ensure(client, 1, validator.version(1)[1]) == v1
         assert not v0.exists() and v1.is_dir()
         assert sorted(p.name for p in (root / ".locks").iterdir()) == [f"{v1.name}.lock"]
 

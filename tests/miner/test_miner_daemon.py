@@ -9,7 +9,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -77,10 +76,10 @@ def test_no_validator_is_one_line_per_try_with_backoff(tmp_path, key_file):
     assert run.lines()[-1].endswith("miner: stopped") and "Traceback" not in run.out.getvalue()
 
 
-def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_file, fake, write_gsm8k):
+def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_file, validator, write_gsm8k):
     data = write_gsm8k(tmp_path / "math.jsonl", 120)
     port = free_port()
-    cfg = config(tmp_path, key_file, fake.address,
+    cfg = config(tmp_path, key_file, validator.address,
                  data={"path": str(data), "template": "{question}\n{answer}", "max_tokens": 8192},
                  select={"profile_tokens": 512}, train={"steps": 2, "batch_size": 2, "checkpoint_every": 1})
     metrics = MinerMetrics()
@@ -88,16 +87,16 @@ def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_
     run = Running(cfg, metrics)
     try:
         run.wait_for("does not score domain 'math'", timeout=30)  # nothing registered for math yet
-        fake.fixed_domains = ("math",)
-        fake.refuse = "delta is for model version 0; round 1 trains version 1; fetch it and train again"
+        validator.register(data)  # math is scored from now on
+        validator.refuse = "delta is for model version 0; round 1 trains version 1; fetch it and train again"
         run.wait_for("round 1: refused; waiting for the next round", timeout=180)
         refusal = next(l for l in run.lines() if "the validator refused" in l)
         assert "FAILED_PRECONDITION" in refusal and "fetch it and train again" in refusal
         time.sleep(1.0)  # several polls: a refused round is not submitted again
-        assert fake.admit_delta_calls == 1 and not fake.deltas
+        assert validator.admit_delta_calls == 1 and not validator.deltas(1)
 
-        fake.refuse = None
-        fake.next_round()
+        validator.refuse = None
+        validator.next_round()
         run.wait_for("round 2: received", timeout=180)
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
@@ -105,13 +104,13 @@ def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_
         metrics.stop()
     book = json.loads((tmp_path / "state" / "submissions.json").read_text())
     assert book["1"]["outcome"] == "refused" and book["2"]["outcome"] == "received"
-    assert len(fake.deltas_for(2)) == 1 and fake.admit_delta_calls == 2
+    assert len(validator.deltas(2)) == 1 and validator.admit_delta_calls == 2
     assert 'expertmesh_miner_submissions_total{outcome="refused"} 1.0' in scrape
     assert 'expertmesh_miner_submissions_total{outcome="received"} 1.0' in scrape
     assert "expertmesh_miner_inner_step 2.0" in scrape
     # Error feedback: what int8 rounded away is kept for the next round, and it is small.
     residual = load_file(tmp_path / "state" / "residual.safetensors")
-    sent = fake.deltas_for(2)[0][1]
+    sent = validator.deltas(2)[0][1]
     assert residual.keys() == sent.keys()
     assert all(residual[k].abs().max() <= sent[k].abs().max() / 127 for k in sent)
 
@@ -122,16 +121,17 @@ def _delta(moe_shapes: dict, experts: dict[int, list[int]], seed: int = 0) -> di
             for l, es in experts.items() for e in es for p in PROJS}
 
 
-def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_path, make_fake, key_file):
-    fake = make_fake(admission=AdmissionConfig(timestamp_window_s=1.0))
-    fake.fixed_domains = ("math",)
+def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_path, make_validator, key_file,
+                                                                          write_gsm8k):
+    validator = make_validator(admission=AdmissionConfig(timestamp_window_s=1.0))
+    validator.register(write_gsm8k(tmp_path / "math.jsonl", 200))
     key = identity.load_key(key_file)
     outbox = Outbox(key, CodecConfig(), tmp_path / "residual.safetensors", "math")
-    with ValidatorClient(fake.address) as client:
+    with ValidatorClient(validator.address) as client:
         rnd = client.get_round()
         work = tmp_path / "work"
         work.mkdir()
-        delta = _delta(_shapes(fake), {0: [3], 2: [7]})
+        delta = _delta(_shapes(validator), {0: [3], 2: [7]})
         prepared = outbox.prepare(work, delta, rnd, tokens=1024, data_digest="ab" * 32)
         first = outbox.send(client, prepared, rnd.model_sha256)
         assert (tmp_path / "residual.safetensors").is_file()  # promoted with the receipt
@@ -140,14 +140,8 @@ def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_pa
         time.sleep(1.6)  # the signed timestamp is now outside the validator's window
         late = outbox.send(client, outbox.load(work), rnd.model_sha256)
         assert late.submission_id == first.submission_id  # re-signed, same payload: still one submission
-    assert len(fake.deltas) == 1
+    assert len(validator.deltas(1)) == 1
 
 
-def _shapes(fake) -> dict[str, tuple[int, int]]:
-    from expertmesh.node.moe import read_config
-    from expertmesh.node.paths import DEFAULT_MODEL
-
-    cfg = read_config(DEFAULT_MODEL)
-    I, H = cfg["moe_intermediate_size"], cfg["hidden_size"]
-    return {expert_key(l, e, p): ((H, I) if p == "down_proj" else (I, H))
-            for l in range(cfg["num_hidden_layers"]) for e in range(fake.spec.num_experts) for p in PROJS}
+def _shapes(validator) -> dict[str, tuple[int, int]]:
+    return validator.node.runtime.moe.expert_shapes()

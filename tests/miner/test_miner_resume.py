@@ -1,7 +1,7 @@
 """kill -9 in the middle of the inner loop: the restarted miner resumes and submits exactly once for that round.
 
 Real parts: the miner is the real CLI in a subprocess, the validator side a real gRPC server
-(FakeValidator) on 127.0.0.1:0, the model the shipped one. The resumed run's delta must equal an
+(the real validator's parts, validatorparts.py) on 127.0.0.1:0, the model the shipped one. The resumed run's delta must equal an
 uninterrupted run's (same steps, same data, same selection), and a third start, after the
 submission, must wait for the next round without sending anything, then stop cleanly on SIGTERM.
 """
@@ -29,7 +29,7 @@ STEPS, EVERY = 8, 2
 
 
 @pytest.fixture
-def miner_config(tmp_path, fake, key_file, write_gsm8k):
+def miner_config(tmp_path, validator, key_file, write_gsm8k):
     data = write_gsm8k(tmp_path / "math.jsonl", 400)
     path = tmp_path / "miner.toml"
     path.write_text(f"""
@@ -37,7 +37,7 @@ domain = "math"
 key = "{key_file}"
 state_dir = "state"
 [validator]
-address = "{fake.address}"
+address = "{validator.address}"
 [data]
 path = "{data}"
 template = "{{question}}\\n{{answer}}"
@@ -55,8 +55,8 @@ progress_every_s = 0
     return path
 
 
-def test_sigkill_mid_inner_loop_resumes_and_submits_once(fake, miner_config, tmp_path):
-    fake.fixed_domains = ("math",)
+def test_sigkill_mid_inner_loop_resumes_and_submits_once(validator, miner_config, tmp_path):
+    validator.register(tmp_path / "math.jsonl")  # the miner's own file: math is scored here
     first = Child("miner", "run", "--config", str(miner_config))
     try:
         first.wait_for(f"train step {EVERY * 2 + 1}/{STEPS}", timeout=240)
@@ -64,18 +64,18 @@ def test_sigkill_mid_inner_loop_resumes_and_submits_once(fake, miner_config, tmp
         first.kill(signal.SIGKILL)
     state = tmp_path / "state" / "work" / "r1-v0" / "inner"
     assert json.loads((state / "state.json").read_text())["step"] == EVERY * 2
-    assert not fake.deltas and fake.admit_delta_calls == 0
+    assert not validator.deltas(1) and validator.admit_delta_calls == 0
 
     second = Child("miner", "run", "--config", str(miner_config), "--max-rounds", "1")
     assert second.wait(240) == 0, second.output()
     assert f"resuming the inner loop from step {EVERY * 2}/{STEPS}" in second.output()
     assert "train step 1/" not in second.output()  # nothing before the checkpoint was redone
-    assert len(fake.deltas_for(1)) == 1 and fake.admit_delta_calls == 1
+    assert len(validator.deltas(1)) == 1 and validator.admit_delta_calls == 1
     book = json.loads((tmp_path / "state" / "submissions.json").read_text())
     assert book["1"]["outcome"] == "received"
 
     # Resume is checked by equality: an uninterrupted inner loop gives the same submission.
-    (sub, received), = fake.deltas_for(1)
+    (sub, received), = validator.deltas(1)
     cache = tmp_path / "state" / "cache"
     moe, _ = load_model(next((tmp_path / "state" / "models").glob("v0-*")))
     selection = read_esft(json.loads(next(cache.glob("selection-*.json")).read_text())["experts"], moe)
@@ -99,4 +99,4 @@ def test_sigkill_mid_inner_loop_resumes_and_submits_once(fake, miner_config, tmp
     finally:
         third.kill()
     assert "stopped" in third.output().splitlines()[-1]
-    assert fake.admit_delta_calls == 1 and len(fake.deltas) == 1
+    assert validator.admit_delta_calls == 1 and len(validator.deltas(1)) == 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from expertmesh.protocol import identity
+from expertmesh.protocol import manifest as mf
 from expertmesh.protocol.backend import ValidatorBackend
 from expertmesh.protocol.client import sign_upload
 from expertmesh.protocol.codec import DeltaSpec, decode_delta
@@ -19,7 +21,18 @@ from expertmesh.protocol.types import (Blob, BlobHeader, CheckpointRef, DatasetI
                             RoundInfo, RoundPhase, Submission)
 
 SPEC = DeltaSpec(num_layers=2, num_experts=8, hidden=32, intermediate=16)
-MODEL_SHA = hashlib.sha256(b"manifest v1").digest()
+
+
+def publish_version(directory: Path, version: int = 1) -> bytes:
+    """A published version as validators write it (protocol.manifest); returns the manifest's sha256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text('{"model_type": "test"}')
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * (10 << 10))  # 2.5 MiB: three chunks
+    return hashlib.sha256(mf.write(directory, version, {})).digest()
+
+
+with tempfile.TemporaryDirectory() as _tmp:
+    MODEL_SHA = publish_version(Path(_tmp))  # the writer is deterministic: the same files give the same sha
 
 
 def make_delta(experts: dict[int, list[int]], spec: DeltaSpec = SPEC, seed: int = 0, scale: float = 1e-3):
@@ -46,8 +59,8 @@ class MemoryBackend(ValidatorBackend):
         self.accept_delay_s = 0.0
         self.fail_status = False
         self._lock = threading.Lock()
-        (root / "manifest.json").write_text('{"version": 1, "files": {"model.safetensors": "..."}}')
-        (root / "model.safetensors").write_bytes(bytes(range(256)) * (10 << 10))  # 2.5 MiB: three chunks
+        self.published = root / f"v{version}"
+        self.model_sha = publish_version(self.published, version)
 
     def _admit(self, sub: Submission):
         with self._lock:
@@ -98,15 +111,15 @@ class MemoryBackend(ValidatorBackend):
     def manifest_blob(self, version):
         if version not in (None, self.version):
             raise Rejected("NOT_FOUND", f"version {version} is not published")
-        return _blob(self.root / "manifest.json", "manifest.json", self.version)
+        return _blob(self.published / mf.MANIFEST, mf.MANIFEST, self.version)
 
     def checkpoint_blob(self, ref: CheckpointRef):
-        if ref.version != self.version or ref.name != "model.safetensors":
+        if ref.version != self.version or ref.name not in mf.read(self.published).files:
             raise Rejected("NOT_FOUND", f"no file {ref.name!r} in version {ref.version}")
-        return _blob(self.root / ref.name, ref.name, self.version)
+        return _blob(self.published / ref.name, ref.name, self.version)
 
     def current_round(self):
-        return RoundInfo(self.round, self.version, MODEL_SHA, RoundPhase.OPEN, self.domains, 1_900_000_000_000, 0.05)
+        return RoundInfo(self.round, self.version, self.model_sha, RoundPhase.OPEN, self.domains, 1_900_000_000_000, 0.05)
 
     def status(self):
         if self.fail_status:

@@ -266,7 +266,7 @@ def test_small_calls_round_trip(client, backend):
 
 
 def test_downloads_verify_and_bound(client, backend, tmp_path):
-    model = backend.root / "model.safetensors"
+    model = backend.published / "model.safetensors"
     header = client.fetch_checkpoint_file(CheckpointRef(1, "model.safetensors"), tmp_path / "m.st")
     assert (tmp_path / "m.st").read_bytes() == model.read_bytes() and header.size == model.stat().st_size
     assert client.fetch_manifest(tmp_path / "man.json").version == 1
