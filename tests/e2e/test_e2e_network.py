@@ -1,7 +1,7 @@
 """The whole network on loopback, as `expertmesh demo` runs it: bootstrap, validator, datasets registered
 through the real CLI, miners finding the validator on the DHT. Two rounds, two miners, the shipped model.
 
-Acceptance (issue 5): the version advances each round, held-out loss improves on at least two
+Acceptance: the version advances each round, held-out loss improves on at least two
 domains, none gets worse than the base by more than 1%; and Ctrl-C stops every process it started.
 """
 from __future__ import annotations
