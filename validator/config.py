@@ -51,8 +51,10 @@ class ScoringSection(Section):
 
 
 class MergeSection(Section):
-    outer_lr: float = Field(0.7, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    # lr 1 and no momentum: each version is its parent plus the mean accepted delta. DiLoCo's lr 0.7 /
+    # momentum 0.9 Nesterov overshoots here (scripts/replay_outer.py, docs/BENCHMARKS.md "outer step").
+    outer_lr: float = Field(1.0, gt=0, le=10)
+    momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = True
     max_tokens: int = Field(100_000_000, ge=1, le=1 << 50,
                             description="cap on a miner's claimed token count in its merge weight (the claim is untrusted)")

@@ -44,11 +44,11 @@ class DataSection(Section):
 
 
 # The inner-loop defaults (p, lr, steps) differ from the standalone `expertmesh train` ones (node.defaults,
-# a single-domain 200-step sweep) on purpose: here each delta is scaled by the validator's outer Nesterov
-# step (0.7 x 1.9 in the first round, more with momentum) and merged with other domains' deltas on shared
-# experts. Measured with `expertmesh demo` (3 domains, 3 rounds): p 0.2 / lr 1e-3 / 30 steps improves every
-# domain every round; with lr 2e-3 math's gain shrinks every round. An offline replay of the merge with
-# p 0.3 / lr 3e-3 / 40 steps left math and literature 0.3-0.5% worse than the base after two rounds.
+# a single-domain 200-step sweep) on purpose: here each round's delta is merged with the other domains'
+# deltas, and what one domain's experts learn also moves the loss of the others (their tokens route there
+# too). Measured with scripts/replay_outer.py (3 domains, validator defaults: outer lr 1, no momentum;
+# docs/BENCHMARKS.md "outer step"): p 0.2 / lr 1e-3 / 30 steps improves every domain in 9 of 10 rounds
+# (math +0.003 in round 9); lr 2e-3 gains more at first but math gets worse in round 4 already.
 
 
 class SelectSection(Section):

@@ -69,7 +69,8 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
               f"negated {v_neg['score']} ({v_neg['new_loss']:.4f}, {v_neg['reason']})")
 
         # The published version loads in stock transformers, moved exactly the touched experts by
-        # lr·(1+μ)·Δ (first round, one delta), and its held-out math loss is below the base's.
+        # lr·(1+μ)·Δ (first round, one delta: Δ itself with the defaults), and its held-out math loss is below
+        # the base's.
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         base = wrap(AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32))
@@ -78,11 +79,13 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
         sd0, sd1 = base.model.state_dict(), new.model.state_dict()
         assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if ".experts." not in k)
         decoded = decode_delta(good, new.expert_shapes()).tensors
+        merge = manifest["merge"]
+        gain = merge["outer_lr"] * ((1 + merge["momentum"]) if merge["nesterov"] else 1.0)
         for lay in base.layers:
             for e in range(lay.num_experts):
                 w0, w1 = base.expert_weights(lay.index, e), new.expert_weights(lay.index, e)
                 for key, w in w0.items():
-                    want = w + 0.7 * 1.9 * decoded[key] if key in decoded else w
+                    want = w + gain * decoded[key] if key in decoded else w
                     assert torch.allclose(w1[key], want, atol=1e-6), key
         _, held = split(math_texts, DEFAULT_FRACTION)
         rows = data_rows(AutoTokenizer.from_pretrained(tmp_path / "ckpt"), held, 4096)
