@@ -28,7 +28,7 @@ class DemoSettings:
     p: float = SelectSection().p
     batch_size: int = TrainSection().batch_size
     max_tokens: int = 300_000  # training tokens each miner tokenizes from its split (more is unused in 2-3 rounds)
-    eval_tokens: int = 8192  # validator scoring budget per domain (its general mix gets half)
+    eval_tokens: int = 16_384  # validator scoring budget per domain (its general mix gets half); the demo passes its own
 
 
 def _toml(value) -> str:

@@ -84,7 +84,8 @@ class Network:
     def __init__(self, opts: DemoOptions, run_dir: Path, sup: Supervisor):
         self.opts, self.run_dir, self.sup = opts, run_dir, sup
         defaults = DemoSettings()
-        self.settings = DemoSettings(steps=opts.steps or defaults.steps)
+        # The validator scores on the rows the demo reports: one yardstick for scores and losses.
+        self.settings = DemoSettings(steps=opts.steps or defaults.steps, eval_tokens=opts.eval_tokens)
         self.deadline = time.monotonic() + opts.timeout_s
         self.doc: dict = {"run_dir": str(run_dir), "rounds": []}
 
