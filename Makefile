@@ -32,6 +32,7 @@ bench: venv
 	$(BIN)/python scripts/bench_profile.py
 	$(BIN)/python scripts/bench_kernels.py
 	$(BIN)/python scripts/bench_protocol.py
+	$(BIN)/python scripts/bench_network.py
 
 # Regenerate the committed gRPC stubs after editing protocol/expertmesh.proto (a test checks for drift).
 # protoc names imports after the proto's path, so it is compiled as expertmesh/protocol/expertmesh.proto.
