@@ -85,12 +85,12 @@ class SubmissionRow:
     received_ms: int
 
     def to_db(self) -> tuple:
-        return astuple(self)[:-2] + (json.dumps(self.experts.to_esft(), sort_keys=True), self.received_ms)
+        return tuple(json.dumps(self.experts.to_esft(), sort_keys=True) if f.name == "experts" else getattr(self, f.name)
+                     for f in fields(self))
 
     @classmethod
     def from_db(cls, *values) -> SubmissionRow:
-        *head, experts, received_ms = values
-        return cls(*head, ExpertSet.from_json(json.loads(experts)), received_ms)
+        return cls(*(ExpertSet.from_json(json.loads(v)) if f.name == "experts" else v for f, v in zip(fields(cls), values)))
 
 
 @dataclass(frozen=True)
