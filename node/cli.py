@@ -85,7 +85,7 @@ def train(
     model: Optional[Path] = ModelOpt,
     text_field: Optional[str] = FieldOpt,
     template: Optional[str] = TemplateOpt,
-    lr: float = typer.Option(DEFAULT_LR, "--lr", help="AdamW learning rate (default from the README sweep)"),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="AdamW learning rate (default: the ESFT frontier in docs/BENCHMARKS.md)"),
     batch_size: int = typer.Option(8, "--batch-size", help="rows of 256 tokens per step"),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save resumable inner state to OUT/state every N steps"),

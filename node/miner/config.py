@@ -43,12 +43,13 @@ class DataSection(Section):
         return self
 
 
-# The inner-loop defaults (p, lr, steps) differ from the standalone `expertmesh train` ones (node.defaults,
-# a single-domain 200-step sweep) on purpose: here each round's delta is merged with the other domains'
-# deltas, and what one domain's experts learn also moves the loss of the others (their tokens route there
-# too). Measured with scripts/replay_outer.py (3 domains, validator defaults: outer lr 1, no momentum;
-# docs/BENCHMARKS.md "outer step"): p 0.2 / lr 1e-3 / 30 steps improves every domain in 9 of 10 rounds
-# (math +0.003 in round 9); lr 2e-3 gains more at first but math gets worse in round 4 already.
+# The inner-loop defaults (p, steps) differ from the standalone `expertmesh train` ones (node.defaults,
+# the best single-domain point of scripts/bench_quality.py: p 0.5, lr 1e-3) on purpose: here each round's
+# delta is merged with the other domains' deltas, and what one domain's experts learn also moves the loss
+# of the others (their tokens route there too). Measured with scripts/replay_outer.py (3 domains,
+# validator defaults: outer lr 1, no momentum; docs/BENCHMARKS.md "outer step"): p 0.2 / lr 1e-3 / 30
+# steps improves every domain in 9 of 10 rounds (math +0.003 in round 9); p 0.5 gains more in the first
+# rounds but literature gets 0.017 worse in round 4, and lr 2e-3 makes math worse in round 4.
 
 
 class SelectSection(Section):
