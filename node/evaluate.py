@@ -1,4 +1,4 @@
-"""Held-out loss: token-weighted mean next-token cross-entropy over fixed rows. Tensors in, float out."""
+"""Held-out loss: mean next-token cross-entropy over fixed rows, per row or overall. Tensors in, numbers out."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +20,20 @@ def mean_loss(model: torch.nn.Module, rows_NL: torch.Tensor, batch_size: int = 1
         count += ids_BL[:, 1:].numel()
     model.train(was_training)
     return total / count
+
+
+@torch.no_grad()
+def row_losses(model: torch.nn.Module, rows_NL: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """[N] float64: each row's mean cross-entropy over its L-1 predicted tokens (their mean is mean_loss)."""
+    if rows_NL.numel() == 0:
+        raise ValueError("no evaluation tokens: the held-out split is empty")
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, rows_NL.shape[0], batch_size):
+        ids_BL = rows_NL[i : i + batch_size]
+        logits_BLV = model(input_ids=ids_BL).logits
+        ce = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), ids_BL[:, 1:].flatten(), reduction="none")
+        out.append(ce.view(ids_BL.shape[0], -1).double().mean(1))
+    model.train(was_training)
+    return torch.cat(out)

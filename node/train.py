@@ -74,15 +74,25 @@ class SelectiveExperts:
     @torch.no_grad()
     def delta(self) -> dict[str, torch.Tensor]:
         """trained − base for every selected expert, keyed by canonical name (fp32, contiguous)."""
+        return self._canonical(lambda l, s, e, proj: proj(self.gate_up[l][s], self.down[l][s])
+                               - proj(self.moe.layer(l).experts.gate_up_proj[e], self.moe.layer(l).experts.down_proj[e]))
+
+    @torch.no_grad()
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The trainable copies' .grad (zeros where none), keyed by canonical name (fp32, contiguous)."""
+        def grad(p: nn.Parameter) -> torch.Tensor:
+            return p.grad if p.grad is not None else torch.zeros_like(p)
+        return self._canonical(lambda l, s, e, proj: proj(grad(self.gate_up[l])[s], grad(self.down[l])[s]))
+
+    def _canonical(self, value: Callable) -> dict[str, torch.Tensor]:
+        """{canonical key: value(layer, slot, expert, proj)}; proj(gate_up [2I, H], down [H, I]) picks one projection."""
         out = {}
         for l, ids in self.by_layer.items():
-            lay = self.moe.layer(l)
-            I = lay.intermediate
+            I = self.moe.layer(l).intermediate
+            picks = {"gate_proj": lambda gu, d: gu[:I], "up_proj": lambda gu, d: gu[I:], "down_proj": lambda gu, d: d}
             for s, e in enumerate(ids):
-                d_gu = (self.gate_up[l][s] - lay.experts.gate_up_proj[e]).float()
-                out[expert_key(l, e, "gate_proj")] = d_gu[:I].contiguous()
-                out[expert_key(l, e, "up_proj")] = d_gu[I:].contiguous()
-                out[expert_key(l, e, "down_proj")] = (self.down[l][s] - lay.experts.down_proj[e]).float().contiguous()
+                for name, proj in picks.items():
+                    out[expert_key(l, e, name)] = value(l, s, e, proj).float().contiguous()
         return out
 
     def detach(self) -> None:

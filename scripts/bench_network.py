@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from expertmesh.node.demo.heldout import HeldOut, domain_sources
-from expertmesh.node.demo.network import DemoSettings
+from expertmesh.node.demo.network import DemoSettings, write_demo_heldout_key
 from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.jobs import data_rows
 from expertmesh.node.miner.config import SelectSection, TrainSection
@@ -60,8 +60,9 @@ def run_network(rounds: int, steps: int, eval_tokens: int, workdir: Path) -> dic
     return {"curves": curves, "scores": scores, "seconds": doc.get("seconds")}
 
 
-def train_rows(tokenizer, sources, max_tokens: int, seq_len: int) -> dict[str, torch.Tensor]:
-    return {d: data_rows(tokenizer, split(sources[d].texts(), DEFAULT_FRACTION)[0], max_tokens, seq_len)
+def train_rows(tokenizer, sources, max_tokens: int, seq_len: int, key: bytes) -> dict[str, torch.Tensor]:
+    """Each domain's train part as the demo's validator splits it (with its held-out key)."""
+    return {d: data_rows(tokenizer, split(sources[d].texts(), DEFAULT_FRACTION, key)[0], max_tokens, seq_len)
             for d in DOMAINS}
 
 
@@ -172,8 +173,9 @@ def main() -> None:
         net = run_network(args.rounds, args.steps, args.eval_tokens, Path(tmp))
         _, tokenizer = load_model(DEFAULT_MODEL)
         sources = domain_sources(Path(tmp))
-        held = HeldOut(sources, tokenizer, args.eval_tokens)
-        rows = train_rows(tokenizer, sources, DemoSettings().max_tokens, train.seq_len)
+        key = write_demo_heldout_key(Path(tmp) / "run")  # the demo's validator's (fixed) key
+        held = HeldOut(sources, tokenizer, args.eval_tokens, key)
+        rows = train_rows(tokenizer, sources, DemoSettings().max_tokens, train.seq_len, key)
     esft = run_esft(rows, held, args.rounds, train, select)
     full = run_full(rows, held, args.rounds, train, args.full_lr)
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",

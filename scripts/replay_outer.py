@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from expertmesh.node.demo.heldout import domain_sources
-from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.evaluate import row_losses
 from expertmesh.node.jobs import data_rows
 from expertmesh.node.miner.config import SelectSection, TrainSection
 from expertmesh.node.moe import load_model
@@ -33,7 +33,7 @@ from expertmesh.node.train import SelectiveExperts, Trainer
 from expertmesh.protocol.codec import CodecConfig, DeltaMeta, decode_delta, encode_delta
 from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 from expertmesh.validator.config import MergeSection
-from expertmesh.validator.merge import WeightedMean, merge_weight, outer_step
+from expertmesh.validator.merge import WeightedMean, interference_scales, merge_weight, outer_step
 from expertmesh.validator.scoring import applied
 
 
@@ -42,16 +42,19 @@ def log(msg: str) -> None:
 
 
 def parse_outer(text: str) -> MergeSection:
-    lr, mu, kind = text.split(",")
-    return MergeSection(outer_lr=float(lr), momentum=float(mu), nesterov=kind == "nesterov")
+    """outer_lr,momentum,nesterov|plain[,guard|noguard]: guard = the validator's regression guard (its default)."""
+    lr, mu, kind, *rest = text.split(",")
+    tries = MergeSection().regression_tries if not rest or rest[0] == "guard" else 0
+    return MergeSection(outer_lr=float(lr), momentum=float(mu), nesterov=kind == "nesterov", regression_tries=tries)
 
 
 def replay(moe, rows: dict, held: dict, rounds: int, merge: MergeSection, train: TrainSection,
-           select: SelectSection, codec: CodecConfig, combine: str = "mean", eval_batch: int = 16) -> list[dict]:
+           select: SelectSection, codec: CodecConfig, combine: str = "mean", eval_batch: int = 16,
+           ) -> list[dict]:
     base_state = {k: v.clone() for k, v in moe.model.state_dict().items()}
     momentum: dict[str, torch.Tensor] = {}
     residual: dict[str, dict] = {d: {} for d in rows}
-    losses = lambda: {d: mean_loss(moe.model, h, eval_batch) for d, h in held.items()}  # noqa: E731
+    losses = lambda: {d: float(row_losses(moe.model, h, eval_batch).mean()) for d, h in held.items()}  # noqa: E731
     parent = losses()
     out = [{"round": 0, "published": parent}]
     for r in range(1, rounds + 1):
@@ -76,21 +79,38 @@ def replay(moe, rows: dict, held: dict, rounds: int, merge: MergeSection, train:
                 alone[d] = losses()
             selected[d] = chosen
         scores = {d: max(0.0, parent[d] - alone[d][d]) for d in rows}
-        accepted = [(d, deltas[d], merge_weight(scores[d], train.steps * train.batch_size * 256, 10**8))
+        accepted = [(d, deltas[d], merge_weight(scores[d]))
                     for d in rows if scores[d] > 0]  # arrival order: domains in a fixed order
-        if combine == "mean":
-            mean = WeightedMean()
-            for _, delta, w in accepted:
-                mean.add(delta, w)
-            mean_delta = mean.result()
-        else:  # one miner per domain here: the sum over domains of each domain's delta
-            mean_delta = {}
-            for _, delta, _ in accepted:
+
+        def combined(scales: list[float]) -> dict[str, torch.Tensor]:
+            if combine == "mean":
+                mean = WeightedMean()
+                for (_, delta, w), s in zip(accepted, scales):
+                    mean.add({k: v * s for k, v in delta.items()}, w)
+                return mean.result()
+            out = {}  # one miner per domain here: the sum over domains of each domain's delta
+            for (_, delta, _), s in zip(accepted, scales):
                 for k, v in delta.items():
-                    mean_delta[k] = mean_delta[k] + v if k in mean_delta else v.clone()
-        if mean_delta:
+                    out[k] = out[k] + v * s if k in out else v * s
+            return out
+
+        def step(scales: list[float]) -> tuple[dict, dict]:
+            mean_delta = combined(scales)
             base = {k: moe.weight(k).detach().clone() for k in mean_delta}
-            new_w, new_m = outer_step(base, mean_delta, {k: momentum[k] for k in mean_delta if k in momentum}, merge)
+            return outer_step(base, mean_delta, {k: momentum[k] for k in mean_delta if k in momentum}, merge)
+
+        def merged_losses(scales: list[float]) -> dict[str, float]:
+            new_w, _ = step(scales)
+            base = {k: moe.weight(k).detach() for k in new_w}
+            with applied(moe, {k: w - base[k] for k, w in new_w.items()}):
+                return losses()
+
+        scales = [1.0] * len(accepted)
+        if merge.regression_tries and accepted:
+            scales, _ = interference_scales(parent, [alone[d] for d, _, _ in accepted], [d for d, _, _ in accepted],
+                                            merged_losses, merge.max_regression, merge.regression_tries)
+        if accepted:
+            new_w, new_m = step(scales)
             with torch.no_grad():
                 for k, w in new_w.items():
                     moe.weight(k).copy_(w)
@@ -99,11 +119,12 @@ def replay(moe, rows: dict, held: dict, rounds: int, merge: MergeSection, train:
         names = sorted(rows)
         overlap = {f"{a}&{b}": len(selected[a] & selected[b]) for i, a in enumerate(names) for b in names[i + 1:]}
         entry = {"round": r, "parent": parent, "alone": {d: alone[d][d] for d in rows}, "published": published,
-                 "scores": scores, "experts": {d: len(s) for d, s in selected.items()}, "overlap": overlap,
+                 "scores": scores, "scales": dict(zip([d for d, _, _ in accepted], scales)),
+                 "cross": {d: alone[d] for d in rows}, "experts": {d: len(s) for d, s in selected.items()}, "overlap": overlap,
                  "seconds": round(time.perf_counter() - t0, 1)}
         out.append(entry)
         log(f"round {r}: " + "  ".join(f"{d} {parent[d]:.4f}->{published[d]:.4f} (alone {alone[d][d]:.4f})"
-                                      for d in names) + f"  [{entry['seconds']} s]")
+                                      for d in names) + f"  scales {[round(x, 3) for x in scales]}  [{entry['seconds']} s]")
         parent = published
     moe.model.load_state_dict(base_state)
     return out
@@ -113,7 +134,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--outer", action="append", type=parse_outer,
-                    help="outer_lr,momentum,nesterov|plain (repeatable; default: the validator's defaults)")
+                    help="outer_lr,momentum,nesterov|plain[,guard|noguard] (repeatable; default: the validator's defaults; "
+                         "guard: halve deltas that make another domain worse than its parent, validator.merge."
+                         "interference_scales)")
     ap.add_argument("--domains", default="math,literature,code")
     ap.add_argument("--combine", choices=("mean", "sum"), default="mean",
                     help="across domains on a shared expert: the weighted mean (the validator's today) or the sum")
@@ -137,7 +160,8 @@ def main() -> None:
             held[d] = data_rows(tokenizer, ho, args.eval_tokens)
     results = []
     for merge in args.outer or [MergeSection()]:
-        log(f"outer lr {merge.outer_lr}, momentum {merge.momentum}, nesterov {merge.nesterov}, {args.combine}; inner {train.steps} steps "
+        log(f"outer lr {merge.outer_lr}, momentum {merge.momentum}, nesterov {merge.nesterov}, {args.combine}, "
+            f"regression guard {'on' if merge.regression_tries else 'off'}; inner {train.steps} steps "
             f"lr {train.lr}, p {select.p}")
         rounds = replay(moe, rows, held, args.rounds, merge, train, select, CodecConfig(), args.combine)
         results.append({"merge": merge.model_dump(), "combine": args.combine, "train": train.model_dump(), "p": select.p, "rounds": rounds})

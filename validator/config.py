@@ -38,12 +38,20 @@ class RoundsSection(Section):
 
 
 class ScoringSection(Section):
-    domains: tuple[str, ...] = Field((), description="domains evaluated here; empty: every domain with a registered dataset")
+    domains: tuple[str, ...] = Field((), description="domains scored here; empty: see open_domains")
+    open_domains: bool = Field(False, description="with domains empty: score every domain with a registered dataset "
+                               "(true) or only those of datasets the operator preloaded (false)")
     eval_tokens: int = Field(16_384, ge=64, le=1 << 30, description="held-out tokens per domain (fixed batches)")
-    general_tokens: int = Field(16_384, ge=64, le=1 << 30, description="tokens of the general held-out mix")
     seq_len: int = Field(256, ge=8, le=1 << 16)
     batch_size: int = Field(16, ge=1, le=4096)
-    guard_epsilon: float = Field(0.02, ge=0, le=100, description="reject when general loss rises by more (nats)")
+    guard_epsilon: float = Field(0.02, ge=0, le=100,
+                                 description="reject when any other scored domain's held-out loss rises by more (nats)")
+    min_z: float = Field(4.0, ge=0, le=1000, description="noise rule: the delta's signs must agree with the held-out "
+                         "gradient at z >= this (a random-sign delta passes with probability <= exp(-z²/2))")
+    owned_p: float = Field(0.6, gt=0, le=1, description="a domain owns, per layer, the experts covering this share "
+                           "of its routing (ESFT token score, the validator's own profile of the domain's train data)")
+    foreign_experts: int = Field(4, ge=0, le=1 << 20, description="experts outside its domain's a delta may touch")
+    profile_tokens: int = Field(16_384, ge=256, le=1 << 30, description="train tokens profiled per domain and round")
     copy_cosine: float = Field(0.98, gt=0, le=1, description="reject as a copy above this cosine to an earlier delta")
     negligible_ratio: float = Field(1e-6, ge=0, le=1, description="‖Δ‖/‖W‖ below this scores 0 without evaluation")
     max_update_ratio: float = Field(0.5, gt=0, le=100, description="per-expert cap on ‖Δ_e‖/‖W_e‖")
@@ -56,8 +64,13 @@ class MergeSection(Section):
     outer_lr: float = Field(1.0, gt=0, le=10)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = True
-    max_tokens: int = Field(100_000_000, ge=1, le=1 << 50,
-                            description="cap on a miner's claimed token count in its merge weight (the claim is untrusted)")
+    # A merged version may not end worse than its parent on a scored domain that has an accepted delta this
+    # round (nor by more than max_regression on one without): deltas of other domains that raised its loss
+    # are halved, at most regression_tries times (0: off). Measured in scripts/replay_outer.py (docs/
+    # BENCHMARKS.md "outer step"): every domain then improves in all 10 rounds.
+    max_regression: float = Field(0.002, ge=0, le=100, description="nats/token a scored domain that no accepted "
+                                  "delta of this round trains may end above its parent")
+    regression_tries: int = Field(4, ge=0, le=20, description="halvings tried to meet max_regression (0: off)")
 
 
 class PublishSection(Section):
@@ -74,6 +87,8 @@ class PreloadDataset(Section):
 
 class DatasetsSection(Section):
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    heldout_key: Path | None = Field(None, description="secret keying which records are held out and their order "
+                                     "(default: state_dir/heldout.key, created once, mode 0600; never sent)")
     max_records: int = Field(2_000_000, ge=1, le=1 << 32)
     max_record_bytes: int = Field(1 << 20, ge=16, le=1 << 30)
     preload: tuple[PreloadDataset, ...] = Field((), description="local files registered at start (idempotent)")
@@ -116,8 +131,8 @@ class ValidatorConfig(Section):
             raise ValueError(f"domain names {bad} must match {DOMAIN_RE.pattern}")
         if self.rounds.max_submissions and self.rounds.max_submissions < self.rounds.min_submissions:
             raise ValueError("rounds.max_submissions must be 0 or at least rounds.min_submissions")
-        if self.scoring.eval_tokens < self.scoring.seq_len or self.scoring.general_tokens < self.scoring.seq_len:
-            raise ValueError("scoring.eval_tokens and scoring.general_tokens must be at least scoring.seq_len")
+        if self.scoring.eval_tokens < self.scoring.seq_len:
+            raise ValueError("scoring.eval_tokens must be at least scoring.seq_len")
         return self
 
 
@@ -130,8 +145,9 @@ def _resolve_paths(cfg: ValidatorConfig, base: Path) -> ValidatorConfig:
     """Relative paths in a config file are relative to that file, not to wherever the daemon was started."""
     rel = lambda p: p if p is None or p.is_absolute() else base / p  # noqa: E731
     preload = tuple(p.model_copy(update={"path": rel(p.path)}) for p in cfg.datasets.preload)
+    datasets = cfg.datasets.model_copy(update={"preload": preload, "heldout_key": rel(cfg.datasets.heldout_key)})
     return cfg.model_copy(update={"state_dir": rel(cfg.state_dir), "model": rel(cfg.model), "key": rel(cfg.key),
-                                  "datasets": cfg.datasets.model_copy(update={"preload": preload})})
+                                  "datasets": datasets})
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ValidatorConfig:

@@ -21,7 +21,9 @@ from expertmesh.protocol import identity
 from expertmesh.protocol.admission import AdmissionConfig
 from expertmesh.protocol.server import ServerConfig, ValidatorServer
 from expertmesh.validator.announce import Announced, Announcer
+from expertmesh.protocol.heldout import load_or_create_key as load_or_create_heldout_key
 from expertmesh.validator.config import ValidatorConfig
+from expertmesh.validator.evalset import eval_spec
 from expertmesh.validator.intake import Intake
 from expertmesh.validator.ledger import Ledger
 from expertmesh.validator.logs import setup_logging
@@ -74,15 +76,16 @@ def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Validat
     if swept:
         log.info("swept spool files without a ledger row (a crash before their receipt)", extra={"files": swept})
     d = cfg.datasets
+    heldout_key = load_or_create_heldout_key(d.heldout_key or cfg.state_dir / "heldout.key")
     registry = Registry(cfg.state_dir / "datasets", ledger, RegistryLimits(d.heldout_fraction, d.max_records,
-                                                                         d.max_record_bytes))
+                                                                         d.max_record_bytes), heldout_key)
     checkpoints = cfg.state_dir / "checkpoints"
     owner = identity.key_id(identity.public_bytes(key))
     for p in d.preload:
         row = registry.register_file(p.path, p.domain, p.name, owner, p.text_field, p.template)
         log.info("preloaded dataset", extra={"dataset": row.dataset_id, "heldout": row.heldout_records})
     import_base(ledger, checkpoints, cfg.model, now_ms())
-    book = RoundBook(ledger, cfg.rounds)
+    book = RoundBook(ledger, cfg.rounds, lambda t: eval_spec(ledger, cfg.scoring, owner, t))
     book.open_first(base_version=0)
     runtime = ModelRuntime(checkpoints)
     runtime.load(ledger.version(book.current().base_version))

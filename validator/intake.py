@@ -9,6 +9,7 @@ in the same round, gets the first receipt again: one signed submission is one su
 """
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -19,7 +20,6 @@ from expertmesh.protocol.errors import DeltaFormatError, Rejected
 from expertmesh.protocol.identity import key_id
 from expertmesh.protocol.types import DatasetReceipt, Receipt, Submission
 from expertmesh.validator.config import ValidatorConfig
-from expertmesh.validator.evalset import eval_spec
 from expertmesh.validator.ledger import DatasetRow, Ledger, SubmissionRow
 from expertmesh.validator.metrics import Metrics
 from expertmesh.validator.registry import DatasetError, Registry
@@ -45,8 +45,8 @@ class Intake:
         self.cfg, self.metrics = cfg, metrics
 
     def scored_domains(self) -> list[str]:
-        """Domains a submission may name now: evaluated here and holding held-out data."""
-        return sorted(eval_spec(self.ledger, self.cfg.scoring.domains, now_ms()))
+        """Domains a submission may name: those the current round was frozen with (validator/evalset.py)."""
+        return sorted(json.loads(self.book.current().eval_spec or "{}"))
 
     def _refuse(self, status: str, message: str) -> Rejected:
         self.metrics.refused.labels(status=status).inc()
@@ -74,8 +74,9 @@ class Intake:
                                "fetch it and train again")
         domains = self.scored_domains()
         if env.domain not in domains:
-            raise self._refuse("FAILED_PRECONDITION", f"domain {env.domain!r} is not scored here (scored: {domains}); "
-                               "register a dataset for it first")
+            raise self._refuse("FAILED_PRECONDITION", f"domain {env.domain!r} is not scored in round {cur.round} "
+                               f"(scored: {domains}); new domains need the operator's scoring.domains, and datasets "
+                               "registered during a round are scored from the next one")
         earlier = self.ledger.same_payload(cur.round, key_id(env.public_key), env.payload_sha256.hex())
         if earlier is not None:
             return self._receipt(earlier)
@@ -133,6 +134,9 @@ class Intake:
         except DatasetError as exc:
             raise self._refuse("INVALID_ARGUMENT", str(exc)) from None
         self.ledger.add_dataset_upload(sub.digest.hex(), row.dataset_id, now_ms())
+        cur = self.book.current()
+        if cur.state == "open":  # a round with no submission yet gives way to one that scores this too
+            self.book.reopen_if_stale(cur)
         self.metrics.datasets.inc()
         log.info("dataset registered", extra={"dataset": row.dataset_id, "domain": row.domain,
                                               "records": row.records, "heldout": row.heldout_records})

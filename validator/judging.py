@@ -1,9 +1,9 @@
 """Judging one submission: decode, check, compare with earlier ones, evaluate; one verdict row out.
 
 Order, cheapest first: the codec (format: declared experts, shapes, finite values), the checks
-(version, norm cap),
-negligible size (score 0, not evaluated), anti-copy (cosine to every earlier decodable delta of the
-round, reloaded one at a time so memory holds two deltas), then held-out evaluation and the guard.
+(version, norm cap), expert ownership (the experts the validator's own profile of the domain gives
+it, plus `foreign_experts`), negligible size (score 0, not evaluated), anti-copy (cosine to every earlier decodable delta of the
+round, reloaded one at a time so memory holds two deltas), then held-out evaluation on every scored domain (validator/scoring.py).
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 from expertmesh.protocol.codec import decode_delta
 from expertmesh.protocol.errors import DeltaFormatError
+from expertmesh.protocol.experts import ExpertSet
 from expertmesh.validator.checks import CheckedDelta, CheckFailed, check_delta
-from expertmesh.validator.config import MergeSection, ScoringSection
+from expertmesh.validator.config import ScoringSection
 from expertmesh.validator.ledger import SubmissionRow, VerdictRow
 from expertmesh.validator.merge import merge_weight
 from expertmesh.validator.runtime import ModelRuntime
@@ -29,10 +30,11 @@ UNREADABLE = ("format", "version", "norm_cap")
 
 @dataclass(frozen=True)
 class RoundEval:
-    """A round's fixed evaluation state: rows and base-model losses."""
+    """A round's fixed evaluation state: rows, base-model losses, and the experts each domain owns."""
 
     rows: EvalRows
     base: BaseLosses
+    owned: dict[str, ExpertSet]
 
 
 def decode(spool: Spool, sub: SubmissionRow, runtime: ModelRuntime) -> dict[str, torch.Tensor]:
@@ -50,7 +52,7 @@ def checked(spool: Spool, sub: SubmissionRow, runtime: ModelRuntime, base_versio
 
 
 def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntime, spool: Spool, base_version: int,
-          ev: RoundEval, cfg: ScoringSection, limits: MergeSection) -> VerdictRow:
+          ev: RoundEval, cfg: ScoringSection) -> VerdictRow:
     t0 = time.perf_counter()
     common = dict(digest=sub.digest, round=sub.round)
 
@@ -65,6 +67,11 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
     sizes = dict(delta_norm=delta.norm, update_ratio=delta.max_expert_ratio)
     if sub.domain not in ev.rows.domain_NL:
         return done("rejected", "no_eval_data", f"domain {sub.domain!r} has too little held-out data to score", **sizes)
+    foreign = delta.experts - ev.owned[sub.domain]
+    if len(foreign) > cfg.foreign_experts:
+        return done("rejected", "foreign_experts", f"{len(foreign)} of its {len(delta.experts)} experts are not "
+                    f"{sub.domain!r}'s (allowed: {cfg.foreign_experts}; e.g. layer {min(foreign)[0]} expert "
+                    f"{min(foreign)[1]}); train the experts your domain routes to", **sizes)
     if delta.relative_norm < cfg.negligible_ratio:
         return done("zero", "negligible", f"‖Δ‖/‖W‖ = {delta.relative_norm:.3g} < {cfg.negligible_ratio}", **sizes)
 
@@ -77,10 +84,10 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
     if cos > cfg.copy_cosine:
         return done("rejected", "copy", f"cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}",
                     copy_of=twin, **sizes)
-    s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score)
-    weight = merge_weight(s.score, sub.token_count, limits.max_tokens) if s.verdict == "accepted" else None
-    return done(s.verdict, s.code, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, general_base=s.general_base,
-                general_new=s.general_new, eval_tokens=s.eval_tokens, weight=weight, **sizes)
+    s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score, cfg.min_z)
+    weight = merge_weight(s.score) if s.verdict == "accepted" else None
+    return done(s.verdict, s.code, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, sign_z=s.sign_z,
+                cross=s.cross, eval_tokens=s.eval_tokens, weight=weight, **sizes)
 
 
 def comparable(subs: list[SubmissionRow], verdicts: dict[str, VerdictRow]) -> list[SubmissionRow]:

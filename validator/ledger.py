@@ -16,7 +16,7 @@ from typing import Iterator
 
 from expertmesh.protocol.experts import ExpertSet
 
-SCHEMA_VERSION = 2  # 2: verdicts.code (was the prefix of reason)
+SCHEMA_VERSION = 3  # 2: verdicts.code (was the prefix of reason); 3: verdicts.sign_z, cross (general_* unused)
 STATES = ("open", "scoring", "merging", "published", "empty")
 VERDICTS = ("accepted", "zero", "rejected")
 
@@ -37,7 +37,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS submissions_payload ON submissions (round, min
 CREATE TABLE IF NOT EXISTS verdicts (
   digest TEXT PRIMARY KEY REFERENCES submissions(digest), round INTEGER NOT NULL,
   verdict TEXT NOT NULL CHECK (verdict IN {VERDICTS}), code TEXT NOT NULL, reason TEXT NOT NULL, score REAL NOT NULL,
-  base_loss REAL, new_loss REAL, general_base REAL, general_new REAL, max_cosine REAL, copy_of TEXT,
+  base_loss REAL, new_loss REAL, sign_z REAL, cross TEXT, max_cosine REAL, copy_of TEXT,
   update_ratio REAL, delta_norm REAL, eval_tokens INTEGER, weight REAL, seconds REAL, scored_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
   version INTEGER PRIMARY KEY, parent INTEGER, round INTEGER, dir TEXT NOT NULL,
@@ -65,7 +65,7 @@ class RoundRow:
     closed_ms: int | None = None
     finished_ms: int | None = None
     published_version: int | None = None
-    eval_spec: str | None = None  # JSON {domain: [dataset ids]} frozen when scoring starts
+    eval_spec: str | None = None  # JSON {domain: [dataset ids]} frozen when the round opens (validator/evalset.py)
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ class VerdictRow:
     score: float
     base_loss: float | None = None
     new_loss: float | None = None
-    general_base: float | None = None
-    general_new: float | None = None
+    sign_z: float | None = None  # the noise rule's statistic (validator/scoring.py)
+    cross: dict[str, list[float]] | None = None  # every scored domain: [loss before, after]; stored as JSON
     max_cosine: float | None = None
     copy_of: str | None = None
     update_ratio: float | None = None
@@ -113,6 +113,14 @@ class VerdictRow:
     weight: float | None = None
     seconds: float | None = None
     scored_ms: int = 0
+
+    def to_db(self) -> tuple:
+        return tuple(json.dumps(self.cross, sort_keys=True) if f.name == "cross" and self.cross is not None
+                     else getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def from_db(cls, *values) -> VerdictRow:
+        return cls(*(json.loads(v) if f.name == "cross" and v is not None else v for f, v in zip(fields(cls), values)))
 
 
 @dataclass(frozen=True)
@@ -176,10 +184,13 @@ class Ledger:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) == 1:  # the code was the reason's prefix up to ':'
-                db.execute("ALTER TABLE verdicts ADD COLUMN code TEXT NOT NULL DEFAULT ''")
-                db.execute("UPDATE verdicts SET code = CASE WHEN instr(reason, ':') > 0 "
-                           "THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END")
+            elif int(row[0]) in (1, 2):
+                if int(row[0]) == 1:  # the code was the reason's prefix up to ':'
+                    db.execute("ALTER TABLE verdicts ADD COLUMN code TEXT NOT NULL DEFAULT ''")
+                    db.execute("UPDATE verdicts SET code = CASE WHEN instr(reason, ':') > 0 "
+                               "THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END")
+                db.execute("ALTER TABLE verdicts ADD COLUMN sign_z REAL")  # the general mix's columns stay, unused
+                db.execute("ALTER TABLE verdicts ADD COLUMN cross TEXT")
                 db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise ValueError(f"{self.path}: ledger schema {row[0]} is not {SCHEMA_VERSION}; "
@@ -219,9 +230,10 @@ class Ledger:
     def rounds(self) -> list[RoundRow]:
         return self._all(RoundRow, f"SELECT {_columns(RoundRow)} FROM rounds ORDER BY round")
 
-    def open_round(self, db: sqlite3.Connection, number: int, base_version: int, opened_ms: int, deadline_ms: int) -> None:
-        db.execute("INSERT INTO rounds (round, base_version, state, opened_ms, deadline_ms) VALUES (?, ?, 'open', ?, ?)",
-                   (number, base_version, opened_ms, deadline_ms))
+    def open_round(self, db: sqlite3.Connection, number: int, base_version: int, opened_ms: int, deadline_ms: int,
+                   eval_spec: str) -> None:
+        db.execute("INSERT INTO rounds (round, base_version, state, opened_ms, deadline_ms, eval_spec) "
+                   "VALUES (?, ?, 'open', ?, ?, ?)", (number, base_version, opened_ms, deadline_ms, eval_spec))
 
     def move_round(self, db: sqlite3.Connection, number: int, src: str, dst: str, **values) -> None:
         """Compare-and-set a round's state; an unexpected current state is a bug, not user input."""
@@ -260,7 +272,7 @@ class Ledger:
     # --- verdicts ------------------------------------------------------------------------------
     def add_verdict(self, row: VerdictRow) -> None:
         with self.transaction() as db:
-            db.execute(_insert(VerdictRow, "verdicts"), astuple(row))
+            db.execute(_insert(VerdictRow, "verdicts"), row.to_db())
 
     def verdicts(self, number: int) -> dict[str, VerdictRow]:
         rows = self._all(VerdictRow, f"SELECT {_columns(VerdictRow)} FROM verdicts WHERE round=?", (number,))

@@ -2,8 +2,8 @@
 
 The payload of a registration is UTF-8 JSON Lines, one {"text": "..."} object per record, optionally
 gzip-compressed (docs/validator.md). It is parsed as a stream with bounded records. The held-out
-part (protocol.heldout: the same split on every node) stays here for scoring; only the train
-part is ever served. A dataset's id is derived from its domain and content, so registering the same
+part (protocol.heldout, keyed by this validator's secret: nobody else can tell which records it
+is) stays here for scoring; only the train part is ever served. A dataset's id is derived from its domain and content, so registering the same
 data twice gives the same id and stores it once.
 """
 from __future__ import annotations
@@ -85,8 +85,9 @@ def read_payload(path: Path, limits: RegistryLimits) -> Iterator[str]:
 class Registry:
     """Datasets on disk (root/<dataset_id>/{train,heldout}.jsonl) and in the ledger."""
 
-    def __init__(self, root: Path, ledger: Ledger, limits: RegistryLimits = RegistryLimits()):
-        self.root, self.ledger, self.limits = root, ledger, limits
+    def __init__(self, root: Path, ledger: Ledger, limits: RegistryLimits = RegistryLimits(),
+                 heldout_key: bytes | None = None):
+        self.root, self.ledger, self.limits, self.heldout_key = root, ledger, limits, heldout_key
         self._publish_lock = threading.Lock()  # two uploads of the same content must not swap directories
         root.mkdir(parents=True, exist_ok=True)
 
@@ -111,7 +112,7 @@ class Registry:
                     continue
                 seen.add(h)
                 ident.update(bytes.fromhex(h))
-                part = "heldout" if is_heldout(text, self.limits.heldout_fraction) else "train"
+                part = "heldout" if is_heldout(text, self.limits.heldout_fraction, self.heldout_key) else "train"
                 counts[part] += 1
                 (held if part == "heldout" else train).write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
             for f in (train, held):
@@ -157,9 +158,15 @@ class Registry:
         return self.root / row.train_path
 
     def heldout_texts(self, dataset_ids: Iterable[str]) -> Iterator[str]:
+        return self._texts(dataset_ids, "heldout_path")
+
+    def train_texts(self, dataset_ids: Iterable[str]) -> Iterator[str]:
+        return self._texts(dataset_ids, "train_path")
+
+    def _texts(self, dataset_ids: Iterable[str], part: str) -> Iterator[str]:
         for dataset_id in dataset_ids:
             row = self.ledger.dataset(dataset_id)
-            with open(self.root / row.heldout_path, encoding="utf-8") as f:
+            with open(self.root / getattr(row, part), encoding="utf-8") as f:
                 for line in f:
                     yield json.loads(line)["text"]
 

@@ -7,7 +7,7 @@ old version; redoing the step gives byte-identical files, which simply replace t
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 from expertmesh.protocol.experts import ExpertSet, expert_keys
 from expertmesh.validator.config import MergeSection
 from expertmesh.protocol.files import file_sha256, fsync_path
-from expertmesh.validator.judging import decode
+from expertmesh.node.evaluate import row_losses
+from expertmesh.validator.judging import RoundEval, decode
 from expertmesh.validator.ledger import Ledger, RoundRow, SubmissionRow, VerdictRow, VersionRow
-from expertmesh.validator.merge import WeightedMean, outer_step
+from expertmesh.validator.merge import WeightedMean, interference_scales, outer_step
 from expertmesh.validator.publish import manifest_sha256, write_checkpoint
 from expertmesh.validator.runtime import ModelRuntime
+from expertmesh.validator.scoring import applied
 from expertmesh.validator.spool import Spool
 
 @dataclass(frozen=True)
@@ -58,12 +60,16 @@ def save_momentum(state_dir: Path, round_number: int, momentum: dict[str, torch.
 
 
 def merge_round(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[SubmissionRow, VerdictRow]],
-                momentum: Callable[[ExpertSet], dict[str, torch.Tensor]], cfg: MergeSection
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(new weights, new momenta) of the touched experts; the model itself is not changed here."""
+                momentum: Callable[[ExpertSet], dict[str, torch.Tensor]], cfg: MergeSection,
+                scales: Sequence[float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(new weights, new momenta) of the touched experts, each delta times its scale (default 1); the
+    model itself is not changed here."""
     mean = WeightedMean()
-    for sub, verdict in accepted:  # arrival order: the sums run in the same order on every replay
-        mean.add(decode(spool, sub, runtime), verdict.weight)
+    for i, (sub, verdict) in enumerate(accepted):  # arrival order: the sums run in the same order on every replay
+        delta = decode(spool, sub, runtime)
+        if scales is not None and scales[i] != 1.0:
+            delta = {k: v * scales[i] for k, v in delta.items()}
+        mean.add(delta, verdict.weight)
     mean_delta = mean.result()
     touched = ExpertSet.from_keys(mean_delta)
     base = {}
@@ -72,12 +78,35 @@ def merge_round(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[Submis
     return outer_step(base, mean_delta, momentum(touched), cfg)
 
 
+def guarded_scales(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[SubmissionRow, VerdictRow]],
+                   momentum: Callable[[ExpertSet], dict[str, torch.Tensor]], cfg: MergeSection, ev: RoundEval
+                   ) -> list[float]:
+    """Scales that keep every scored domain within merge.max_regression of its parent (merge.interference_scales),
+    measured on the round's rows; the verdicts' per-domain losses say which deltas hurt which domain."""
+    if not ev.rows.domain_NL or any(v.cross is None for _, v in accepted):
+        return [1.0] * len(accepted)
+
+    def merged_losses(scales: list[float]) -> dict[str, float]:
+        new_w, _ = merge_round(runtime, spool, accepted, momentum, cfg, scales)
+        step = {k: w - runtime.moe.weight(k).detach() for k, w in new_w.items()}
+        with applied(runtime.moe, step):
+            return {d: float(row_losses(runtime.moe.model, r, ev.rows.batch_size).mean())
+                    for d, r in sorted(ev.rows.domain_NL.items())}
+
+    alone = [{d: after for d, (_, after) in v.cross.items()} for _, v in accepted]
+    scales, _ = interference_scales(ev.base.domain, alone, [s.domain for s, _ in accepted], merged_losses,
+                                    cfg.max_regression, cfg.regression_tries)
+    return scales
+
+
 def publish_round(runtime: ModelRuntime, ledger: Ledger, spool: Spool, state_dir: Path, row: RoundRow,
-                  accepted: list[tuple[SubmissionRow, VerdictRow]], cfg: MergeSection, clock_ms: int,
+                  accepted: list[tuple[SubmissionRow, VerdictRow]], cfg: MergeSection, clock_ms: int, ev: RoundEval,
                   before_rename: Callable[[], None] | None = None) -> Release:
     """Write version base+1 (checkpoint, manifest, momentum files); the caller commits it to the ledger."""
     refs = ledger.momentum_refs()
-    new_w, new_m = merge_round(runtime, spool, accepted, lambda ex: load_momentum(state_dir, refs, ex), cfg)
+    momentum = lambda ex: load_momentum(state_dir, refs, ex)  # noqa: E731
+    scales = guarded_scales(runtime, spool, accepted, momentum, cfg, ev) if cfg.regression_tries else None
+    new_w, new_m = merge_round(runtime, spool, accepted, momentum, cfg, scales)
     with torch.no_grad():
         for key, w in new_w.items():
             runtime.moe.weight(key).copy_(w)
@@ -86,8 +115,9 @@ def publish_round(runtime: ModelRuntime, ledger: Ledger, spool: Spool, state_dir
     manifest = {"parent": row.base_version, "parent_manifest_sha256": parent.manifest_sha256, "round": row.round,
                 "merge": {"outer_lr": cfg.outer_lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov},
                 "accepted": [{"submission": s.digest, "miner": s.miner, "domain": s.domain, "score": v.score,
-                              "tokens": s.token_count, "weight": v.weight, "experts": s.experts.to_esft()}
-                             for s, v in accepted],
+                              "tokens": s.token_count, "weight": v.weight, "scale": scale,
+                              "experts": s.experts.to_esft()}
+                             for (s, v), scale in zip(accepted, scales or [1.0] * len(accepted))],
                 "leaderboard": leaderboard_after(ledger, accepted)}
     version = row.base_version + 1
     directory = write_checkpoint(runtime.moe.model, runtime.tokenizer, runtime.checkpoints, version, manifest,

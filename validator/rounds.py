@@ -31,8 +31,15 @@ def now_ms() -> int:
 
 
 class RoundBook:
-    def __init__(self, ledger: Ledger, cfg: RoundsSection, clock: Callable[[], int] = now_ms):
-        self.ledger, self.cfg, self.clock = ledger, cfg, clock
+    """`spec(t)` is the evaluation spec ({domain: dataset ids}) a round opened at t is frozen with."""
+
+    def __init__(self, ledger: Ledger, cfg: RoundsSection, spec: Callable[[int], dict[str, list[str]]],
+                 clock: Callable[[], int] = now_ms):
+        self.ledger, self.cfg, self.spec, self.clock = ledger, cfg, spec, clock
+
+    def _open(self, db, number: int, base_version: int, t: int) -> None:
+        self.ledger.open_round(db, number, base_version, t, t + int(self.cfg.duration_s * 1000),
+                               json.dumps(self.spec(t), sort_keys=True))
 
     def current(self) -> RoundRow:
         row = self.ledger.current_round()
@@ -42,8 +49,7 @@ class RoundBook:
     def open_first(self, base_version: int) -> RoundRow:
         with self.ledger.transaction() as db:
             if self.ledger.current_round() is None:
-                t = self.clock()
-                self.ledger.open_round(db, 1, base_version, t, t + int(self.cfg.duration_s * 1000))
+                self._open(db, 1, base_version, self.clock())
         return self.current()
 
     def record(self, row: SubmissionRow) -> None:
@@ -76,13 +82,21 @@ class RoundBook:
             self.ledger.extend_deadline(row.round, t + int(self.cfg.duration_s * 1000))
         return self.ledger.round(row.round)
 
-    def freeze_eval(self, row: RoundRow, spec: dict[str, list[str]]) -> RoundRow:
-        """Record which datasets this round's scores are measured on (once; a restart reuses it)."""
-        if row.eval_spec is None:
-            with self.ledger.transaction() as db:
-                db.execute("UPDATE rounds SET eval_spec=? WHERE round=? AND eval_spec IS NULL",
-                           (json.dumps(spec, sort_keys=True), row.round))
-        return self.ledger.round(row.round)
+    def reopen_if_stale(self, row: RoundRow) -> RoundRow:
+        """OPEN only: a round that has taken no submission yet, and whose frozen spec is no longer what
+        a round opened now would score (datasets registered since), ends empty; the next round opens
+        with the new spec. The frozen spec itself is never edited, and once a round holds a
+        submission its spec stays until it closes."""
+        t = self.clock()
+        spec = self.spec(t)
+        if json.loads(row.eval_spec or "{}") == spec:
+            return row
+        with self.ledger.transaction() as db:
+            if self.ledger.count_submissions(db, row.round):
+                return row
+            self.ledger.move_round(db, row.round, "open", "empty", closed_ms=t, finished_ms=t)
+            self._open(db, row.round + 1, row.base_version, t)
+        return self.current()
 
     def to_merging(self, row: RoundRow) -> RoundRow:
         with self.ledger.transaction() as db:
@@ -94,7 +108,7 @@ class RoundBook:
         t = self.clock()
         with self.ledger.transaction() as db:
             self.ledger.move_round(db, row.round, "scoring", "empty", finished_ms=t)
-            self.ledger.open_round(db, row.round + 1, row.base_version, t, t + int(self.cfg.duration_s * 1000))
+            self._open(db, row.round + 1, row.base_version, t)
         return self.current()
 
     def finish_published(self, row: RoundRow, version: VersionRow, momentum: dict[tuple[int, int], tuple[str, str]]
@@ -106,5 +120,5 @@ class RoundBook:
             self.ledger.set_momentum(db, momentum, row.round)
             self.ledger.move_round(db, row.round, "merging", "published", finished_ms=t,
                                    published_version=version.version)
-            self.ledger.open_round(db, row.round + 1, version.version, t, t + int(self.cfg.duration_s * 1000))
+            self._open(db, row.round + 1, version.version, t)
         return self.current()

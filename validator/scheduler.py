@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from expertmesh.validator.config import ValidatorConfig
-from expertmesh.validator.evalset import build_rows, eval_spec
+from expertmesh.validator.evalset import build_rows, owned_experts
 from expertmesh.validator.judging import RoundEval, comparable, judge
 from expertmesh.validator.ledger import Ledger, RoundRow
 from expertmesh.validator.metrics import Metrics
@@ -76,6 +76,12 @@ class Scheduler:
         """Do one unit of work; False when there was nothing to do (the caller sleeps a little)."""
         row = self.book.current()
         if row.state == "open":
+            after = self.book.reopen_if_stale(row)
+            if after.round != row.round:
+                log.info("round had no submission yet; the next one also scores the datasets registered since",
+                         extra={"round": after.round, "domains": sorted(json.loads(after.eval_spec))})
+                self.on_change()
+                return True
             after = self.book.tick(row)
             if after.state != row.state:
                 log.info("round closed", extra={"round": row.round, "submissions": len(self.ledger.submissions(row.round))})
@@ -91,10 +97,10 @@ class Scheduler:
     def round_eval(self, row: RoundRow) -> RoundEval:
         """The round's rows and base losses, built once per round (only the current round is kept)."""
         if row.round not in self._eval:
-            if row.eval_spec is None:
-                row = self.book.freeze_eval(row, eval_spec(self.ledger, self.cfg.scoring.domains, row.closed_ms))
-            rows = build_rows(self.runtime.tokenizer, self.registry, json.loads(row.eval_spec), self.cfg.scoring)
-            self._eval = {row.round: RoundEval(rows, base_losses(self.runtime.moe, rows))}
+            spec = json.loads(row.eval_spec or "{}")
+            rows = build_rows(self.runtime.tokenizer, self.registry, spec, self.cfg.scoring)
+            owned = owned_experts(self.runtime.moe, self.runtime.tokenizer, self.registry, spec, self.cfg.scoring)
+            self._eval = {row.round: RoundEval(rows, base_losses(self.runtime.moe, rows), owned)}
         return self._eval[row.round]
 
     def _score_next(self, row: RoundRow) -> None:
@@ -115,7 +121,7 @@ class Scheduler:
         sub = pending[0]
         earlier = comparable([s for s in subs if s.seq < sub.seq], verdicts)
         ev = self.round_eval(row)
-        verdict = judge(sub, earlier, self.runtime, self.spool, row.base_version, ev, self.cfg.scoring, self.cfg.merge)
+        verdict = judge(sub, earlier, self.runtime, self.spool, row.base_version, ev, self.cfg.scoring)
         self.ledger.add_verdict(verdict)
         self.metrics.judged(verdict)
         log.info("scored submission", extra={"round": row.round, "submission": sub.digest[:16], "miner": sub.miner[:16],
@@ -132,7 +138,8 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             release = publish_round(self.runtime, self.ledger, self.spool, self.cfg.state_dir, row, accepted,
-                                    self.cfg.merge, now_ms(), before_rename=lambda: self.hooks("publish"))
+                                    self.cfg.merge, now_ms(), self.round_eval(row),
+                                    before_rename=lambda: self.hooks("publish"))
             self.hooks("commit")
             self.book.finish_published(row, release.version, release.momentum)
         except BaseException:

@@ -1,11 +1,17 @@
 """Proof of loss: score a delta by how much it lowers held-out loss. Tensors in, numbers out; no I/O.
 
 score_i = max(0, L_d(θ_v) − L_d(θ_v + Δ_i)) on fixed rows of domain d's held-out split, so the same
-model, delta and rows always give the same score. A general guard measures the same on a fixed mix
-of every domain's held-out rows and rejects a delta that raises it by more than ε. A delta that is
-(nearly) zero, or a near-copy of an earlier one in the round, never reaches evaluation.
+model, delta and rows always give the same score. Three rules decide on top of it:
+- per-domain guard: the delta must not raise any other scored domain's held-out loss by more than ε
+  (each domain on its own: a gain on one domain cannot hide a loss on another);
+- noise: the delta's signs must agree with the held-out loss's descent direction beyond chance. With
+  g the gradient of domain d's held-out loss at θ_v over the delta's experts and a_i = −g_i·Δ_i,
+  z = Σ a_i / √(Σ a_i²); a delta whose signs carry no information about g (noise) has
+  P(z ≥ t) ≤ exp(−t²/2) whatever its magnitudes (Hoeffding), and it must reach z ≥ min_z;
+- the score must be above min_score.
+A delta that is (nearly) zero, or a copy of an earlier one in the round, never reaches evaluation.
 
-Legend: N rows, L tokens per row.
+Legend: N rows, L tokens per row, D scored domains.
 """
 from __future__ import annotations
 
@@ -15,17 +21,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from expertmesh.node.evaluate import mean_loss
+from expertmesh.node.evaluate import row_losses
 from expertmesh.node.moe import MoEModel
+from expertmesh.node.train import SelectiveExperts
+from expertmesh.protocol.experts import ExpertSet
 
 
 @dataclass(frozen=True)
 class EvalRows:
-    """The fixed evaluation batches of one round: per domain, and the general mix."""
+    """The fixed evaluation batches of one round, per scored domain."""
 
     domain_NL: dict[str, torch.Tensor]
-    general_NL: torch.Tensor
     batch_size: int
 
     def tokens(self, domain: str) -> int:
@@ -34,8 +42,13 @@ class EvalRows:
 
 @dataclass(frozen=True)
 class BaseLosses:
-    domain: dict[str, float]
-    general: float
+    """The round's model on every scored domain's rows: per-row losses [N] (float64)."""
+
+    rows: dict[str, torch.Tensor]
+
+    @property
+    def domain(self) -> dict[str, float]:
+        return {d: float(r.mean()) for d, r in self.rows.items()}
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,8 @@ class Score:
     score: float
     base_loss: float | None = None
     new_loss: float | None = None
-    general_base: float | None = None
-    general_new: float | None = None
+    sign_z: float | None = None
+    cross: dict[str, list[float]] | None = None  # every scored domain: [loss before, loss after]
     eval_tokens: int | None = None
 
 
@@ -65,8 +78,35 @@ def applied(moe: MoEModel, delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
 
 
 def base_losses(moe: MoEModel, rows: EvalRows) -> BaseLosses:
-    return BaseLosses({d: mean_loss(moe.model, r, rows.batch_size) for d, r in sorted(rows.domain_NL.items())},
-                      mean_loss(moe.model, rows.general_NL, rows.batch_size))
+    return BaseLosses({d: row_losses(moe.model, r, rows.batch_size) for d, r in sorted(rows.domain_NL.items())})
+
+
+def loss_grads(moe: MoEModel, experts: ExpertSet, rows_NL: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """∂ mean held-out loss / ∂ W at the current weights, for the given experts only (canonical keys)."""
+    sel = SelectiveExperts(moe, experts)
+    was_training = moe.model.training
+    moe.model.eval()
+    try:
+        count = rows_NL[:, 1:].numel()
+        for i in range(0, rows_NL.shape[0], batch_size):
+            ids_BL = rows_NL[i : i + batch_size]
+            logits_BLV = moe.model(input_ids=ids_BL).logits
+            loss = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), ids_BL[:, 1:].flatten(), reduction="sum")
+            (loss / count).backward()
+        return sel.grads()
+    finally:
+        sel.detach()
+        moe.model.train(was_training)
+
+
+def sign_z(grads: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> float:
+    """Σ a / √Σ a² with a = −g·Δ elementwise: how far the delta's signs agree with descent beyond chance."""
+    total, square = 0.0, 0.0
+    for key in sorted(delta):
+        a = -(grads[key].double() * delta[key].double())
+        total += float(a.sum())
+        square += float(a.pow(2).sum())
+    return total / math.sqrt(square) if square > 0 else 0.0
 
 
 def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -94,19 +134,25 @@ def max_cosine(delta: Mapping[str, torch.Tensor], earlier: Iterator[tuple[str, M
 
 
 def evaluate(moe: MoEModel, delta: Mapping[str, torch.Tensor], domain: str, rows: EvalRows, base: BaseLosses,
-             guard_epsilon: float, min_score: float) -> Score:
-    """Score one delta that passed the checks: domain gain first, then the general guard."""
+             guard_epsilon: float, min_score: float, min_z: float) -> Score:
+    """Score one delta that passed the checks: every scored domain's loss, then guard, gain and noise rules."""
     with applied(moe, delta):
-        new_loss = mean_loss(moe.model, rows.domain_NL[domain], rows.batch_size)
-        general_new = mean_loss(moe.model, rows.general_NL, rows.batch_size)
-    base_loss = base.domain[domain]
+        after = {d: row_losses(moe.model, r, rows.batch_size) for d, r in sorted(rows.domain_NL.items())}
+    cross = {d: [float(base.rows[d].mean()), float(a.mean())] for d, a in after.items()}
+    base_loss, new_loss = cross[domain]
     score = max(0.0, base_loss - new_loss)
-    parts = dict(base_loss=base_loss, new_loss=new_loss, general_base=base.general, general_new=general_new,
-                 eval_tokens=rows.tokens(domain))
-    rise = general_new - base.general
-    if rise > guard_epsilon:
-        return Score("rejected", "general_guard", f"general held-out loss rose by {rise:.4f} > {guard_epsilon}", 0.0,
-                     **parts)
+    parts = dict(base_loss=base_loss, new_loss=new_loss, cross=cross, eval_tokens=rows.tokens(domain))
+    rises = {d: a - b for d, (b, a) in cross.items() if d != domain}
+    worst = max(sorted(rises), key=rises.__getitem__, default=None)
+    if worst is not None and rises[worst] > guard_epsilon:
+        return Score("rejected", "domain_guard", f"held-out loss of domain {worst!r} rose by {rises[worst]:.4f} > "
+                     f"{guard_epsilon}", 0.0, **parts)
     if score <= min_score:
         return Score("zero", "no_gain", f"held-out loss {base_loss:.4f} -> {new_loss:.4f}", 0.0, **parts)
+    z = sign_z(loss_grads(moe, ExpertSet.from_keys(delta), rows.domain_NL[domain], rows.batch_size), delta)
+    parts["sign_z"] = z
+    if z < min_z:
+        return Score("zero", "noise", f"gain {score:.5f} is not told from noise: its signs agree with the held-out "
+                     f"gradient at z = {z:.2f} < {min_z} (a random-sign delta reaches {min_z} with probability "
+                     f"≤ {math.exp(-min_z * min_z / 2):.1g})", 0.0, **parts)
     return Score("accepted", "ok", "", score, **parts)

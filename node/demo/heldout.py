@@ -1,9 +1,10 @@
 """The demo's yardstick: held-out loss per domain of a model version.
 
-The held-out records are the ones every node computes from content hashes (node.data.split), the
-same records the validator keeps private and miners never train on, so the demo can measure them
-from its own copy of the data without asking the validator. Rows are fixed (first `eval_tokens`
-of each domain's held-out part), so versions are compared on identical tokens.
+The demo is its validator's operator: it creates the validator's held-out key (protocol.heldout)
+and so computes, from its own copy of the data, the very records the validator keeps private and
+miners never see, in the validator's scoring order. Rows are fixed (the first `eval_tokens` of each
+domain's held-out part in that order), the rows the validator scores on, so versions are compared
+on identical tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from expertmesh.node.evaluate import mean_loss
 from expertmesh.node.jobs import data_rows
 from expertmesh.node.moe import load_model
 from expertmesh.node.paths import corpus
-from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, eval_order, split
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,11 @@ def domain_sources(data_dir: Path) -> dict[str, DomainSource]:
 class HeldOut:
     """Fixed held-out rows per domain, tokenized once with the base model's tokenizer."""
 
-    def __init__(self, sources: dict[str, DomainSource], tokenizer, eval_tokens: int):
+    def __init__(self, sources: dict[str, DomainSource], tokenizer, eval_tokens: int, key: bytes | None):
         self.rows_NL: dict[str, torch.Tensor] = {}
         for domain, src in sources.items():
-            _, held = split(src.texts(), DEFAULT_FRACTION)  # what the demo's validator holds out
-            self.rows_NL[domain] = data_rows(tokenizer, held, eval_tokens)
+            _, held = split(src.texts(), DEFAULT_FRACTION, key)  # what the demo's validator holds out
+            self.rows_NL[domain] = data_rows(tokenizer, eval_order(held, key), eval_tokens)
 
     def losses(self, model_dir: Path) -> dict[str, float]:
         moe, _ = load_model(model_dir)

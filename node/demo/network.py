@@ -6,6 +6,7 @@ the DHT and train on the train split they fetch from it. Everything listens on 1
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from expertmesh.node.demo.heldout import DomainSource
 from expertmesh.node.miner.config import SelectSection, TrainSection
 from expertmesh.node.demo.procs import Child, Supervisor
 from expertmesh.protocol import identity
+from expertmesh.protocol.files import atomic_write
+from expertmesh.protocol.heldout import load_or_create_key
 
 DOMAIN_ORDER = ("math", "literature", "code")
 
@@ -28,7 +31,7 @@ class DemoSettings:
     p: float = SelectSection().p
     batch_size: int = TrainSection().batch_size
     max_tokens: int = 300_000  # training tokens each miner tokenizes from its split (more is unused in 2-3 rounds)
-    eval_tokens: int = 16_384  # validator scoring budget per domain (its general mix gets half); the demo passes its own
+    eval_tokens: int = 16_384  # validator scoring budget per domain; the demo passes its own
 
 
 def _toml(value) -> str:
@@ -65,14 +68,35 @@ def start_bootstrap(sup: Supervisor) -> list[str]:
     return [first] + [l for l in child.log.read_text().splitlines() if l.startswith("/ip4/") and l != first]
 
 
+def heldout_key_path(run_dir: Path) -> Path:
+    """The demo validator's held-out key (the demo, as its operator, writes it and measures with it)."""
+    return run_dir / "validator" / "heldout.key"
+
+
+# The demo's validator keeps a fixed, published held-out key, so that every demo run and benchmark scores
+# on the same records and their figures compare. A real validator's key is random and secret.
+DEMO_HELDOUT_KEY = hashlib.sha256(b"expertmesh demo held-out key: public, for reproducible figures only").digest()
+
+
+def write_demo_heldout_key(run_dir: Path) -> bytes:
+    path = heldout_key_path(run_dir)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, DEMO_HELDOUT_KEY)
+        path.chmod(0o600)
+    return load_or_create_key(path)
+
+
 def start_validator(sup: Supervisor, run_dir: Path, peers: list[str], n_miners: int, keep_versions: int,
-                    s: DemoSettings) -> tuple[Child, str, Path]:
+                    s: DemoSettings, domains: list[str]) -> tuple[Child, str, Path]:
     state = run_dir / "validator" / "state"
+    write_demo_heldout_key(run_dir)
     doc = {"state_dir": str(state),
            "server": {"host": "127.0.0.1", "port": 0},
            # A round closes as soon as every miner has submitted; the deadline only matters if one fails.
            "rounds": {"duration_s": 1800, "min_submissions": 1, "max_submissions": n_miners, "poll_s": 0.5},
-           "scoring": {"eval_tokens": s.eval_tokens, "general_tokens": max(256, s.eval_tokens // 2), "batch_size": 16},
+           "scoring": {"domains": domains, "eval_tokens": s.eval_tokens, "batch_size": 16},
+           "datasets": {"heldout_key": str(heldout_key_path(run_dir))},
            "publish": {"keep_versions": keep_versions},
            "dht": {"enabled": True, "initial_peers": peers, "announce_every_s": 2},
            "log": {"format": "text"}}

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertmesh.node.demo.network import (DemoSettings, miner_domains, register_domains, start_bootstrap, start_miner,
-                               start_validator)
+from expertmesh.node.demo.network import (DemoSettings, miner_domains, register_domains,
+                                          start_bootstrap, start_miner, start_validator,
+                                          write_demo_heldout_key)
 from expertmesh.node.demo.procs import DemoError, Supervisor
 from expertmesh.protocol.files import atomic_write
 from expertmesh.node.locks import hold_state_dir
@@ -99,11 +100,12 @@ class Network:
         peers = start_bootstrap(self.sup)
         say(f"demo: DHT bootstrap at {peers[0]}")
         validator, address, state = start_validator(self.sup, self.run_dir, peers, self.opts.miners,
-                                                    self.opts.rounds + 2, self.settings)
+                                                    self.opts.rounds + 2, self.settings, list(sources))
         say(f"demo: validator at {address}")
-        with self._client(address) as client:
-            start = client.get_round()  # the versions after this one are the demo's rounds
         register_domains(self.sup, self.run_dir, address, list(sources.values()))
+        with self._client(address) as client:
+            # The rounds from this one on are the demo's (each registration gave the validator a fresh round).
+            start = client.get_round()
         say(f"demo: registered {', '.join(sources)} through `expertmesh dataset submit`")
         self.miners = []
         for i, domain in enumerate(miner_domains(self.opts.miners)):
@@ -112,7 +114,7 @@ class Network:
         say(f"demo: started {len(self.miners)} miner(s): {', '.join(m[0] for m in self.miners)}")
         # The yardstick is measured while the miners start up: the base model on fixed held-out rows.
         _, tokenizer = load_model(DEFAULT_MODEL)
-        self.heldout = HeldOut(sources, tokenizer, self.opts.eval_tokens)
+        self.heldout = HeldOut(sources, tokenizer, self.opts.eval_tokens, write_demo_heldout_key(self.run_dir))
         base = self.heldout.losses(DEFAULT_MODEL)
         self.doc |= {"base_model": str(DEFAULT_MODEL), "base_domain_loss": base,
                      "miners": {name: {"domain": d, "key": k} for name, d, k, _ in self.miners}}

@@ -87,30 +87,31 @@ def test_refused_round_is_recorded_then_the_next_round_is_trained(tmp_path, key_
     run = Running(cfg, metrics)
     try:
         run.wait_for("does not score domain 'math'", timeout=30)  # nothing registered for math yet
-        validator.register(data)  # math is scored from now on
+        validator.register(data)  # math is scored from now on: round 1 scored nothing, so round 2 opens
+        r = validator.node.book.current().round
         validator.refuse = "delta is for model version 0; round 1 trains version 1; fetch it and train again"
-        run.wait_for("round 1: refused; waiting for the next round", timeout=180)
+        run.wait_for(f"round {r}: refused; waiting for the next round", timeout=180)
         refusal = next(l for l in run.lines() if "the validator refused" in l)
         assert "FAILED_PRECONDITION" in refusal and "fetch it and train again" in refusal
         time.sleep(1.0)  # several polls: a refused round is not submitted again
-        assert validator.admit_delta_calls == 1 and not validator.deltas(1)
+        assert validator.admit_delta_calls == 1 and not validator.deltas(r)
 
         validator.refuse = None
         validator.next_round()
-        run.wait_for("round 2: received", timeout=180)
+        run.wait_for(f"round {r + 1}: received", timeout=180)
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         run.finish()
         metrics.stop()
     book = json.loads((tmp_path / "state" / "submissions.json").read_text())
-    assert book["1"]["outcome"] == "refused" and book["2"]["outcome"] == "received"
-    assert len(validator.deltas(2)) == 1 and validator.admit_delta_calls == 2
+    assert book[str(r)]["outcome"] == "refused" and book[str(r + 1)]["outcome"] == "received"
+    assert len(validator.deltas(r + 1)) == 1 and validator.admit_delta_calls == 2
     assert 'expertmesh_miner_submissions_total{outcome="refused"} 1.0' in scrape
     assert 'expertmesh_miner_submissions_total{outcome="received"} 1.0' in scrape
     assert "expertmesh_miner_inner_step 2.0" in scrape
     # Error feedback: what int8 rounded away is kept for the next round, and it is small.
     residual = load_file(tmp_path / "state" / "residual.safetensors")
-    sent = validator.deltas(2)[0][1]
+    sent = validator.deltas(r + 1)[0][1]
     assert residual.keys() == sent.keys()
     assert all(residual[k].abs().max() <= sent[k].abs().max() / 127 for k in sent)
 
@@ -140,7 +141,7 @@ def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_pa
         time.sleep(1.6)  # the signed timestamp is now outside the validator's window
         late = outbox.send(client, outbox.load(work), rnd.model_sha256)
         assert late.submission_id == first.submission_id  # re-signed, same payload: still one submission
-    assert len(validator.deltas(1)) == 1
+    assert len(validator.deltas(rnd.round)) == 1
 
 
 def _shapes(validator) -> dict[str, tuple[int, int]]:

@@ -57,32 +57,33 @@ progress_every_s = 0
 
 def test_sigkill_mid_inner_loop_resumes_and_submits_once(validator, miner_config, tmp_path):
     validator.register(tmp_path / "math.jsonl")  # the miner's own file: math is scored here
+    r = validator.node.book.current().round  # the round opened with math scored
     first = Child("miner", "run", "--config", str(miner_config))
     try:
         first.wait_for(f"train step {EVERY * 2 + 1}/{STEPS}", timeout=240)
     finally:
         first.kill(signal.SIGKILL)
-    state = tmp_path / "state" / "work" / "r1-v0" / "inner"
+    state = tmp_path / "state" / "work" / f"r{r}-v0" / "inner"
     assert json.loads((state / "state.json").read_text())["step"] == EVERY * 2
-    assert not validator.deltas(1) and validator.admit_delta_calls == 0
+    assert not validator.deltas(r) and validator.admit_delta_calls == 0
 
     second = Child("miner", "run", "--config", str(miner_config), "--max-rounds", "1")
     assert second.wait(240) == 0, second.output()
     assert f"resuming the inner loop from step {EVERY * 2}/{STEPS}" in second.output()
     assert "train step 1/" not in second.output()  # nothing before the checkpoint was redone
-    assert len(validator.deltas(1)) == 1 and validator.admit_delta_calls == 1
+    assert len(validator.deltas(r)) == 1 and validator.admit_delta_calls == 1
     book = json.loads((tmp_path / "state" / "submissions.json").read_text())
-    assert book["1"]["outcome"] == "received"
+    assert book[str(r)]["outcome"] == "received"
 
     # Resume is checked by equality: an uninterrupted inner loop gives the same submission.
-    (sub, received), = validator.deltas(1)
+    (sub, received), = validator.deltas(r)
     cache = tmp_path / "state" / "cache"
     moe, _ = load_model(next((tmp_path / "state" / "models").glob("v0-*")))
     selection = read_esft(json.loads(next(cache.glob("selection-*.json")).read_text())["experts"], moe)
     rows = load_file(next(cache.glob("rows-*.safetensors")))["rows"]
     train = TrainSection(steps=STEPS, batch_size=4, checkpoint_every=STEPS)
     # One torch thread (conftest), as the miner ran (train.threads = 1): the same reduction order.
-    result = run_inner(moe, selection, rows, train, 1, tmp_path / "fresh", Progress(every_s=1e9), MinerMetrics(),
+    result = run_inner(moe, selection, rows, train, r, tmp_path / "fresh", Progress(every_s=1e9), MinerMetrics(),
                        lambda: False)
     enc = encode_delta(result.delta, DeltaMeta(0, result.tokens, "0" * 64), CodecConfig())
     expected = decode_delta(enc.payload, moe.expert_shapes()).tensors
@@ -90,13 +91,13 @@ def test_sigkill_mid_inner_loop_resumes_and_submits_once(validator, miner_config
     diff = max((expected[k] - received[k]).abs().max().item() for k in expected)
     assert all(torch.equal(expected[k], received[k]) for k in expected), diff
 
-    # A third start: round 1 is done, so it waits without sending, and SIGTERM stops it cleanly.
+    # A third start: that round is done, so it waits without sending, and SIGTERM stops it cleanly.
     third = Child("miner", "run", "--config", str(miner_config))
     try:
-        third.wait_for("round 1: received; waiting for the next round", timeout=120)
+        third.wait_for(f"round {r}: received; waiting for the next round", timeout=120)
         third.kill(signal.SIGTERM)
         assert third.wait(60) == 0
     finally:
         third.kill()
     assert "stopped" in third.output().splitlines()[-1]
-    assert validator.admit_delta_calls == 1 and len(validator.deltas(1)) == 1
+    assert validator.admit_delta_calls == 1 and len(validator.deltas(r)) == 1

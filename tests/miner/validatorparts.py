@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from expertmesh.node.moe import load_model
+from expertmesh.protocol import identity
 from expertmesh.protocol import manifest as mf
 from expertmesh.protocol.backend import ValidatorBackend
 from expertmesh.protocol.codec import decode_delta
@@ -90,8 +91,12 @@ class Validator(Delegate):
         return version_dir(self.checkpoints, number), bytes.fromhex(self.node.ledger.version(number).manifest_sha256)
 
     def register(self, path: Path, domain: str = "math", template: str | None = "{question}\n{answer}") -> str:
-        """Register a local dataset as an operator would (preload): the domain is then scored here."""
-        return self.node.registry.register_file(path, domain, "", "00" * 32, template=template).dataset_id
+        """Register a local dataset as the operator would (preload, under the validator's own key): the
+        domain is then scored here, from a round opened after it (the open one if it had nothing to score)."""
+        operator = identity.key_id(identity.public_bytes(self.node.key))
+        dataset_id = self.node.registry.register_file(path, domain, "", operator, template=template).dataset_id
+        self.node.book.reopen_if_stale(self.node.book.current())
+        return dataset_id
 
     def next_round(self) -> None:
         """Close the open round with nothing accepted; the next opens on the same version."""

@@ -51,7 +51,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
             r_copy, _ = submit(client, KEYS[2], good)
             wait_until(lambda: client.get_round().model_version == 1, 600, "version 1", daemon)
             info = client.get_round()
-            assert (info.round, info.model_version) == (2, 1)
+            assert (info.round, info.model_version) == (3, 1), "round 1 had nothing to score; round 2 published"
             client.fetch_manifest(tmp_path / "ckpt" / "manifest.json")
             manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
             for name, meta in manifest["files"].items():
@@ -59,7 +59,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
                                              bytes.fromhex(meta["sha256"]))
         verify(tmp_path / "ckpt")
 
-        verdicts = {r["digest"]: r for r in ledger_rows(state, "SELECT * FROM verdicts WHERE round=1")}
+        verdicts = {r["digest"]: r for r in ledger_rows(state, "SELECT * FROM verdicts WHERE round=2")}
         v_good, v_neg, v_copy = (verdicts[r.submission_id.hex()] for r in (r_good, r_neg, r_copy))
         assert v_good["verdict"] == "accepted" and v_good["score"] > 0.005
         assert v_neg["verdict"] != "accepted" and v_neg["score"] == 0.0 and v_neg["new_loss"] > v_neg["base_loss"]
@@ -96,7 +96,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
         r = cli("status", "--validator", daemon.address)
         assert r.returncode == 0, r.stderr
         miner = identity.key_id(identity.public_bytes(KEYS[0]))
-        assert "round 2" in r.stdout and "model version 1" in r.stdout and miner[:16] in r.stdout, r.stdout
+        assert "round 3" in r.stdout and "model version 1" in r.stdout and miner[:16] in r.stdout, r.stdout
         assert f"{v_good['score']:.5f}" in r.stdout
 
         logs = json_logs(daemon)
@@ -110,7 +110,7 @@ def test_round_over_the_wire_good_merged_harmful_and_copy_not(tmp_path, trained,
 
         def announced():
             found = [v for v in find_validators(dht) if v.endpoint == daemon.address]
-            return found and found[0].model_version == 1 and found[0].round == 2 and found[0].domains == ("math",)
+            return found and found[0].model_version == 1 and found[0].round == 3 and found[0].domains == ("math",)
 
         wait_until(announced, 60, "the DHT announcement of version 1", daemon, poll_s=1)
         assert daemon.terminate() == 0

@@ -11,7 +11,7 @@ from tests.runtime.test_architectures import build
 from expertmesh.validator.checks import CheckFailed, check_delta, expert_norms
 from expertmesh.validator.config import MergeSection
 from expertmesh.validator.merge import WeightedMean, merge_weight, outer_step
-from expertmesh.validator.scoring import BaseLosses, EvalRows, applied, base_losses, cosine, evaluate, max_cosine
+from expertmesh.validator.scoring import EvalRows, applied, base_losses, cosine, evaluate, max_cosine, sign_z
 
 PATTERN_NL = torch.arange(1, 33).repeat(12, 1) % 200 + 3  # a fixed sequence: easy to learn, easy to unlearn
 NOISE_NL = torch.randint(1, 256, (6, 32), generator=torch.Generator().manual_seed(5))
@@ -79,19 +79,36 @@ def trained_delta(moe, steps=15):
 
 
 def test_a_trained_delta_scores_and_its_negation_does_not(moe):
-    rows = EvalRows({"pattern": PATTERN_NL[:4]}, torch.cat([PATTERN_NL[:2], NOISE_NL[:2]]), batch_size=4)
+    shifted_NL = torch.stack([PATTERN_NL[0].roll(i) for i in range(4)])  # the pattern at 4 phases: gains differ by row
+    rows = EvalRows({"pattern": shifted_NL, "noise": NOISE_NL[:4]}, batch_size=4)
     delta = trained_delta(moe)
     base = base_losses(moe, rows)
-    good = evaluate(moe, delta, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0)
+    good = evaluate(moe, delta, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0, min_z=4.0)
     assert good.verdict == "accepted" and good.score == pytest.approx(good.base_loss - good.new_loss) and good.score > 0.05
-    bad = evaluate(moe, {k: -v for k, v in delta.items()}, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0)
-    assert bad.verdict == "zero" and bad.score == 0.0 and bad.new_loss > bad.base_loss
-    guarded = evaluate(moe, {k: -v for k, v in delta.items()}, "pattern", rows, base, guard_epsilon=0.0, min_score=0.0)
-    assert guarded.verdict == "rejected" and guarded.code == "general_guard" and "rose by" in guarded.reason
-    again = evaluate(moe, delta, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0)
+    assert good.sign_z > 4.0 and set(good.cross) == {"pattern", "noise"} and good.cross["pattern"] == [good.base_loss, good.new_loss]
+    bad = evaluate(moe, {k: -v for k, v in delta.items()}, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0, min_z=4.0)
+    assert bad.verdict == "zero" and bad.code == "no_gain" and bad.score == 0.0 and bad.new_loss > bad.base_loss
+    # the negation, claimed for the other domain: it raises pattern's loss, and no gain elsewhere excuses that
+    guarded = evaluate(moe, {k: -v for k, v in delta.items()}, "noise", rows, base, guard_epsilon=0.0, min_score=0.0,
+                       min_z=0.0)
+    assert guarded.verdict == "rejected" and guarded.code == "domain_guard" and "'pattern' rose by" in guarded.reason
+    again = evaluate(moe, delta, "pattern", rows, base, guard_epsilon=10.0, min_score=0.0, min_z=4.0)
     assert again == good, "same model, delta and rows: the same score"
-    high_bar = evaluate(moe, delta, "pattern", rows, BaseLosses(base.domain, base.general), 10.0, min_score=good.score)
-    assert high_bar.verdict == "zero"
+    high_bar = evaluate(moe, delta, "pattern", rows, base, 10.0, min_score=good.score, min_z=4.0)
+    assert high_bar.verdict == "zero" and high_bar.code == "no_gain"
+    unsure = evaluate(moe, delta, "pattern", rows, base, 10.0, min_score=0.0, min_z=good.sign_z + 1)
+    assert unsure.verdict == "zero" and unsure.code == "noise" and "not told from noise" in unsure.reason
+
+
+def test_sign_z_is_the_sign_agreement_statistic():
+    g = {"w": torch.tensor([1.0, -2.0, 0.5, 0.0])}
+    descent = {"w": torch.tensor([-1.0, 1.0, -1.0, 3.0])}  # every nonzero term agrees with −g
+    a = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    assert sign_z(g, descent) == pytest.approx(float(a.sum() / a.pow(2).sum().sqrt()))
+    assert sign_z(g, {"w": -descent["w"]}) == pytest.approx(-sign_z(g, descent))
+    assert sign_z(g, {"w": torch.tensor([0.0, 0.0, 0.0, 1.0])}) == 0.0, "no overlap with the gradient: no evidence"
+    one = {"w": torch.tensor([-5.0, 0.0, 0.0, 0.0])}
+    assert sign_z(g, one) == pytest.approx(1.0), "one coordinate can never pass: z is at most 1"
 
 
 def test_weighted_mean_normalises_per_expert():
@@ -102,7 +119,7 @@ def test_weighted_mean_normalises_per_expert():
     m.add(b, 3.0)
     out = m.result()
     assert torch.allclose(out["x"], torch.full((2,), 2.5)) and torch.allclose(out["y"], torch.full((2,), 4.0))
-    assert merge_weight(0.5, 10**12, 1000) == 500.0 and merge_weight(0.5, 0, 1000) == 0.5
+    assert merge_weight(0.5) == 0.5, "the validator's measured score, nothing the miner claims"
 
 
 def test_outer_nesterov_step_matches_the_formula_over_two_rounds():

@@ -27,7 +27,8 @@ def book(tmp_path):
     with ledger.transaction() as db:
         ledger.add_version(db, VersionRow(0, None, None, "v0", "ab" * 32, 0))
     clock = Clock()
-    b = RoundBook(ledger, RoundsSection(duration_s=10, min_submissions=2, max_submissions=3, max_per_miner=1), clock)
+    b = RoundBook(ledger, RoundsSection(duration_s=10, min_submissions=2, max_submissions=3, max_per_miner=1),
+                  lambda t: {"math": ["math-0"]}, clock)
     b.open_first(0)
     yield b
     ledger.close()
@@ -113,7 +114,8 @@ def test_a_schema_1_ledger_gets_its_verdict_codes_from_the_reasons(book, tmp_pat
     for n, reason in enumerate(["copy: cosine 0.9990 > 0.98 with submission 00", "ok"]):
         book.ledger.add_verdict(VerdictRow(f"{n:064x}", 1, "rejected" if n == 0 else "accepted", "x", reason, 0.0))
     with book.ledger.transaction() as db:  # what schema 1 stored: the code only as the reason's prefix
-        db.execute("ALTER TABLE verdicts DROP COLUMN code")
+        for column in ("code", "sign_z", "cross"):
+            db.execute(f"ALTER TABLE verdicts DROP COLUMN {column}")
         db.execute("UPDATE meta SET value='1' WHERE key='schema'")
     book.ledger.close()
     again = Ledger(tmp_path / "ledger.sqlite")

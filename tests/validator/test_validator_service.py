@@ -49,7 +49,7 @@ def test_refusals_over_the_wire(make_node, served, math_payload, trained, tmp_pa
     node = make_node(scoring={"domains": ["math", "code"]})
     client = served(node)
     good = encode(trained.delta, 0)
-    expect_refusal(client, "FAILED_PRECONDITION", lambda: submit(client, KEYS[0], good), "not scored here")
+    expect_refusal(client, "FAILED_PRECONDITION", lambda: submit(client, KEYS[0], good), "not scored in round 1")
     register(client, KEYS[3], math_payload)
     expect_refusal(client, "FAILED_PRECONDITION", lambda: register(client, KEYS[3], math_payload, domain="law"),
                    "not evaluated here")
@@ -69,7 +69,7 @@ def test_refusals_over_the_wire(make_node, served, math_payload, trained, tmp_pa
                                                                              tmp_path / "x"), "not a file")
     expect_refusal(client, "NOT_FOUND", lambda: client.fetch_manifest(tmp_path / "x", version=9), "not served")
     expect_refusal(client, "NOT_FOUND", lambda: client.fetch_dataset("math-0000", tmp_path / "x"), "no dataset")
-    assert len(node.ledger.submissions(1)) == 1
+    assert len(node.ledger.submissions(node.book.current().round)) == 1
 
 
 def test_datasets_listed_and_only_the_train_split_served(make_node, served, math_payload, math_texts, tmp_path):
@@ -87,54 +87,61 @@ def test_datasets_listed_and_only_the_train_split_served(make_node, served, math
 
 
 def test_merge_is_deterministic_and_a_redo_after_a_crash_is_byte_identical(make_node, served, math_payload, trained):
-    """Two rounds with momentum; at round 2's merge the state is copied (what kill -9 leaves) and a
+    """Two rounds with momentum; at the second round's merge the state is copied (what kill -9 leaves) and a
     second validator restarted from the copy publishes byte-identical checkpoint and momentum files."""
     cfg = dict(rounds={"max_submissions": 2}, merge={"outer_lr": 0.3})  # gentle: round 2's deltas still help
     node = make_node("a", **cfg)
     client = served(node)
     register(client, KEYS[3], math_payload)
+    first = node.book.current().round  # round 1 had nothing to score; the registration opened this one
     early = {k: v for k, v in trained.delta.items() if k.split(".")[1] in ("0", "1")}  # another miner: fewer experts
     for version, scale in ((0, 1.0), (1, 0.5)):
         for key, delta in ((KEYS[0], trained.delta), (KEYS[1], early)):
             submit(client, key, encode({k: v * scale for k, v in delta.items()}, version))
-        done = (lambda n: n.book.current().round == 2) if version == 0 else (lambda n: n.book.current().state == "merging")
+        done = ((lambda n: n.book.current().round == first + 1) if version == 0
+                else (lambda n: n.book.current().state == "merging"))
         run_until(node, done)
-    verdicts = [v.verdict for r in (1, 2) for v in node.ledger.verdicts(r).values()]
+    verdicts = [v.verdict for r in (first, first + 1) for v in node.ledger.verdicts(r).values()]
     assert verdicts == ["accepted"] * 4, verdicts
-    assert node.book.current().round == 2 and node.book.current().state == "merging"
+    assert node.book.current().round == first + 1 and node.book.current().state == "merging"
 
     a = node.cfg.state_dir
     b = a.parent / "b"
     shutil.copytree(a, b)  # ledger.sqlite and its WAL as they are on disk, spool, checkpoints, momentum
-    run_until(node, lambda n: n.book.current().round == 3)
+    run_until(node, lambda n: n.book.current().round == first + 2)
     replica = make_node("b", **cfg)
     assert replica.book.current().state == "merging" and replica.runtime.version == 1
-    run_until(replica, lambda n: n.book.current().round == 3)
+    run_until(replica, lambda n: n.book.current().round == first + 2)
 
     files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*")
                    if p.is_file() and p.parts[len(a.parts)] in ("checkpoints", "momentum"))
-    # Round 2 touched every expert round 1 did, so its momenta (built on round 1's) replaced them all.
-    assert {f.rsplit("/", 1)[0] for f in files if f.startswith("momentum/")} == {"momentum/r2"}
+    # The second round touched every expert the first did, so its momenta (built on the first's) replaced them all.
+    assert {f.rsplit("/", 1)[0] for f in files if f.startswith("momentum/")} == {f"momentum/r{first + 1}"}
     assert "checkpoints/v2/model.safetensors" in files
     assert replica.ledger.version(2).manifest_sha256 == node.ledger.version(2).manifest_sha256
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
-def test_a_miner_splits_its_own_copy_at_the_validators_heldout_fraction(make_node, math_texts, tmp_path):
-    """A validator configured with 0.2 says so in its round; a miner with the same records in a local
-    file trains on none of the rows that validator scores with, and on all the others."""
-    from expertmesh.node.miner.config import DataSection
-    from expertmesh.node.miner.data import DataSource
+def test_heldout_membership_is_keyed_by_the_validators_secret(make_node, math_texts, tmp_path):
+    """Which records a validator scores on cannot be recomputed from the data: the public content-hash
+    rule shares only about `fraction` of them, another validator (another key) holds out others, and
+    the key stays in the state directory, readable by its owner only."""
+    from expertmesh.protocol.heldout import split
     from expertmesh.validator.registry import write_payload
 
-    node = make_node(datasets={"heldout_fraction": 0.2})
-    rnd = node.service.current_round()
-    assert rnd.heldout_fraction == 0.2
     local = write_payload(math_texts, tmp_path / "mine.jsonl")
-    row = node.registry.register(local, "math", "gsm8k", "ab" * 32)
-    scored = set(node.registry.heldout_texts([row.dataset_id]))
-    trained = set(DataSource(DataSection(path=local), "math", tmp_path / "ds", 1 << 30).load(None, rnd.heldout_fraction)
-                  .train_texts())
-    assert len(scored) > 300 and not scored & trained  # about 20% of 2,000
-    assert scored | trained == set(math_texts)
+    held = []
+    for name in ("a", "b"):
+        node = make_node(name, datasets={"heldout_fraction": 0.2})
+        assert node.service.current_round().heldout_fraction == 0.2
+        key_file = node.cfg.state_dir / "heldout.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
+        row = node.registry.register(local, "math", "gsm8k", "ab" * 32)
+        held.append(set(node.registry.heldout_texts([row.dataset_id])))
+    _, public = split(math_texts, 0.2)
+    for scored in held:
+        assert 300 < len(scored) < 500  # about 20% of 2,000
+        shared = len(scored & set(public)) / len(scored)
+        assert 0.1 < shared < 0.3, f"{shared:.2f} of the scored records are the public rule's: as by chance (0.2)"
+    assert 0.1 < len(held[0] & held[1]) / len(held[0]) < 0.3

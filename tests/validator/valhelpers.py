@@ -16,7 +16,7 @@ from expertmesh.protocol.experts import ExpertSet
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH = 20, 1e-3, 4
-FAST_SCORING = {"eval_tokens": 2048, "general_tokens": 1024, "batch_size": 8}  # lean: other work shares the CPUs
+FAST_SCORING = {"eval_tokens": 2048, "batch_size": 8, "open_domains": True}  # lean: other work shares the CPUs
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,10 @@ class Trained:
     tokens: int
 
 
-def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0) -> Trained:
-    """What a miner does: profile routing on its data, select experts (ESFT), train them, take the delta."""
+def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0, drop_public_heldout: bool = True) -> Trained:
+    """What a miner does: profile routing on its data, select experts (ESFT), train them, take the delta.
+
+    The texts' public held-out part (protocol.heldout without a key) is left out unless told otherwise."""
     from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
     from expertmesh.node.jobs import data_rows
     from expertmesh.node.moe import load_model
@@ -38,7 +40,7 @@ def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0) -> Tr
 
     torch.manual_seed(seed)
     moe, tokenizer = load_model(DEFAULT_MODEL)
-    train, _ = split(texts, DEFAULT_FRACTION)
+    train = split(texts, DEFAULT_FRACTION)[0] if drop_public_heldout else list(texts)
     rows = data_rows(tokenizer, train, 64 * 256)
     selection = select_experts(RoutingProfile(moe).run(batches(rows[:16], 8)).to_json(), "token", p=0.3)
     sel = SelectiveExperts(moe, selection)
