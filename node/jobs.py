@@ -25,7 +25,7 @@ from expertmesh.node.defaults import DEFAULT_LR, DEFAULT_P
 from expertmesh.node.select import read_esft, select_experts
 from expertmesh.node.train import SelectiveExperts, TrainConfig, train_resumable
 from expertmesh.node.tomlconfig import validate
-from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, eval_chunk, eval_order, split
 
 SEQ_LEN = 256
 
@@ -36,6 +36,25 @@ def _eos(tokenizer) -> int:
 
 def data_rows(tokenizer, texts, max_tokens: int | None = None, seq_len: int = SEQ_LEN) -> torch.Tensor:
     return pack(tokenize(tokenizer, texts), seq_len, _eos(tokenizer), max_tokens)
+
+
+HELDOUT_RECORD_TOKENS = 512  # at most this much of one held-out record enters a validator's evaluation rows
+
+
+def heldout_rows(tokenizer, texts, key: bytes | None, max_tokens: int, seq_len: int = SEQ_LEN,
+                 record_tokens: int = HELDOUT_RECORD_TOKENS) -> torch.Tensor:
+    """A validator's evaluation rows: held-out texts in its keyed order (protocol.heldout.eval_order); of
+    each, one piece of `record_tokens` tokens, chosen by the key (eval_chunk), so that the rows span many
+    records and every part of a long one (a source file) can be scored; packed into rows of seq_len, cut
+    at max_tokens."""
+    ordered = eval_order(texts, key)
+
+    def pieces():
+        for text, ids in zip(ordered, tokenize(tokenizer, ordered)):
+            k = eval_chunk(text, key, -(-len(ids) // record_tokens))
+            yield ids[k * record_tokens:(k + 1) * record_tokens]
+
+    return pack(pieces(), seq_len, _eos(tokenizer), max_tokens)
 
 
 def file_digest(path: Path) -> str:

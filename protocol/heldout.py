@@ -39,6 +39,11 @@ def eval_order(texts: Iterable[str], key: bytes | None) -> list[str]:
     return sorted(texts, key=lambda t: _keyed(t, key, b"expertmesh/eval-order|"))
 
 
+def eval_chunk(text: str, key: bytes | None, n_chunks: int) -> int:
+    """Which of a held-out record's n_chunks pieces a validator scores on (keyed, so unpredictable)."""
+    return int.from_bytes(_keyed(text, key, b"expertmesh/eval-chunk|")[:8], "big") % max(1, n_chunks)
+
+
 def split(texts: Iterable[str], fraction: float, key: bytes | None = None) -> tuple[list[str], list[str]]:
     """(train, heldout), deduplicated by content, in first-seen order."""
     train: list[str] = []

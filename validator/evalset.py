@@ -6,18 +6,18 @@ owned by the validator's key). A round's spec ({domain: dataset ids}) lists the 
 held-out records registered by the time it opened and is stored with the round (ledger
 rounds.eval_spec), so a later registration applies from the next round. Per domain, the held-out
 texts of its datasets are put in the validator's secret order (protocol.heldout.eval_order),
-tokenized and packed into rows of seq_len, cut at scoring.eval_tokens. Per domain too, the experts it
+tokenized, one keyed 512-token piece of each (so the rows span many records) packed into rows of
+seq_len, cut at scoring.eval_tokens (node.jobs.heldout_rows). Per domain too, the experts it
 owns: ESFT's selection at scoring.owned_p on the validator's own routing profile of the round's model
 over the first scoring.profile_tokens of the domain's train texts. Same spec, key, model and
 tokenizer: same rows and owners, so a restarted validator scores exactly as before.
 """
 from __future__ import annotations
 
-from expertmesh.node.jobs import data_rows
+from expertmesh.node.jobs import data_rows, heldout_rows
 from expertmesh.node.profile import RoutingProfile, batches
 from expertmesh.node.select import select_experts
 from expertmesh.protocol.experts import ExpertSet
-from expertmesh.protocol.heldout import eval_order
 from expertmesh.validator.config import ScoringSection
 from expertmesh.validator.ledger import Ledger
 from expertmesh.validator.registry import Registry
@@ -43,8 +43,8 @@ def eval_spec(ledger: Ledger, cfg: ScoringSection, operator: str, before_ms: int
 def build_rows(tokenizer, registry: Registry, spec: dict[str, list[str]], cfg: ScoringSection) -> EvalRows:
     domain_NL = {}
     for domain, ids in sorted(spec.items()):
-        texts = eval_order(registry.heldout_texts(ids), registry.heldout_key)
-        rows_NL = data_rows(tokenizer, texts, cfg.eval_tokens, cfg.seq_len)
+        rows_NL = heldout_rows(tokenizer, registry.heldout_texts(ids), registry.heldout_key, cfg.eval_tokens,
+                               cfg.seq_len)
         if rows_NL.shape[0]:  # fewer held-out tokens than one row: the domain cannot be scored
             domain_NL[domain] = rows_NL
     return EvalRows(domain_NL, cfg.batch_size)

@@ -88,14 +88,15 @@ class RoundBook:
         with the new spec. The frozen spec itself is never edited, and once a round holds a
         submission its spec stays until it closes."""
         t = self.clock()
-        spec = self.spec(t)
-        if json.loads(row.eval_spec or "{}") == spec:
+        if json.loads(row.eval_spec or "{}") == self.spec(t):
             return row
-        with self.ledger.transaction() as db:
-            if self.ledger.count_submissions(db, row.round):
-                return row
-            self.ledger.move_round(db, row.round, "open", "empty", closed_ms=t, finished_ms=t)
-            self._open(db, row.round + 1, row.base_version, t)
+        with self.ledger.transaction() as db:  # decided again inside: another thread may have moved on
+            cur = self.ledger.current_round()
+            if (cur.round != row.round or cur.state != "open" or self.ledger.count_submissions(db, cur.round)
+                    or json.loads(cur.eval_spec or "{}") == self.spec(t)):
+                return self.current()
+            self.ledger.move_round(db, cur.round, "open", "empty", closed_ms=t, finished_ms=t)
+            self._open(db, cur.round + 1, cur.base_version, t)
         return self.current()
 
     def to_merging(self, row: RoundRow) -> RoundRow:

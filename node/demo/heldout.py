@@ -16,10 +16,10 @@ import torch
 from expertmesh.node.data import iter_texts
 from expertmesh.node.domains import MATH_TEMPLATE, stdlib_texts
 from expertmesh.node.evaluate import mean_loss
-from expertmesh.node.jobs import data_rows
+from expertmesh.node.jobs import heldout_rows
 from expertmesh.node.moe import load_model
 from expertmesh.node.paths import corpus
-from expertmesh.protocol.heldout import DEFAULT_FRACTION, eval_order, split
+from expertmesh.protocol.heldout import DEFAULT_FRACTION, split
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class HeldOut:
         self.rows_NL: dict[str, torch.Tensor] = {}
         for domain, src in sources.items():
             _, held = split(src.texts(), DEFAULT_FRACTION, key)  # what the demo's validator holds out
-            self.rows_NL[domain] = data_rows(tokenizer, eval_order(held, key), eval_tokens)
+            self.rows_NL[domain] = heldout_rows(tokenizer, held, key, eval_tokens)  # and the rows it scores on
 
     def losses(self, model_dir: Path) -> dict[str, float]:
         moe, _ = load_model(model_dir)

@@ -10,17 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arena as arena_mod  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """The validator under attack and the attacker share two cores: one thread each (see tests/validator)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from valhelpers import one_torch_thread  # noqa: E402,F401 (autouse: one thread, as the validators under attack)
 
 
 @pytest.fixture(scope="session")

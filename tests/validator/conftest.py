@@ -3,19 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from valhelpers import build_test_node, train_delta
-
-
-@pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """Other work shares this machine's cores; two spinning OpenMP threads then stall each other
-    (a 15-step train went from 0.1 s to 30 s). The validators under test get `threads = 1` likewise."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from valhelpers import build_test_node, one_torch_thread, train_delta  # noqa: F401 (an autouse fixture)
 
 
 @pytest.fixture(scope="session")

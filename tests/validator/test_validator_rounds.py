@@ -1,4 +1,6 @@
 """The round state machine on a real SQLite ledger: transitions, intake limits, atomicity, persistence."""
+import json
+
 import pytest
 
 from expertmesh.protocol.experts import ExpertSet
@@ -121,3 +123,17 @@ def test_a_schema_1_ledger_gets_its_verdict_codes_from_the_reasons(book, tmp_pat
     again = Ledger(tmp_path / "ledger.sqlite")
     assert {v.digest[-1]: v.code for v in again.verdicts(1).values()} == {"0": "copy", "1": "ok"}
     again.close()
+
+
+def test_a_round_without_submissions_gives_way_to_new_datasets_one_with_them_does_not(book):
+    row = book.current()
+    assert row.round == 1 and json.loads(row.eval_spec) == {"math": ["math-0"]}, "frozen when it opened"
+    assert book.reopen_if_stale(row) == row, "nothing new registered: the round stays"
+    book.spec = lambda t: {"math": ["math-0", "math-1"]}
+    after = book.reopen_if_stale(row)
+    assert (after.round, after.state, json.loads(after.eval_spec)) == (2, "open", {"math": ["math-0", "math-1"]})
+    assert book.ledger.round(1).state == "empty" and book.ledger.round(1).eval_spec == row.eval_spec
+    assert book.reopen_if_stale(row).round == 2, "a stale row (another thread moved on) changes nothing"
+    book.record(sub(1, "a", round_number=2))
+    book.spec = lambda t: {"math": ["math-0", "math-1"], "code": ["code-0"]}
+    assert book.reopen_if_stale(book.current()).round == 2, "a round holding a submission keeps its spec"

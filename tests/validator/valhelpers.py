@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from expertmesh.protocol.experts import ExpertSet
@@ -200,3 +201,15 @@ def write_config(path: Path, doc: dict) -> Path:
                         lines += [f"{kk} = {value(vv)}" for kk, vv in item.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Other work shares this machine's cores; two spinning OpenMP threads then stall each other
+    (a 15-step train went from 0.1 s to 30 s). The validators under test get `threads = 1` likewise."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
