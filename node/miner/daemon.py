@@ -126,7 +126,7 @@ class Miner:
                 return False
             if self.cfg.domain not in rnd.domains:
                 raise CannotTakePart("domain", f"the validator at {address} does not score domain "
-                                     f"{self.cfg.domain!r} (it scores {list(rnd.domains)})")
+                                     f"{self.cfg.domain!r} this round (it scores {list(rnd.domains)}; its operator enables domains)")
             work = self.cfg.state_dir / "work" / f"r{rnd.round}-v{rnd.model_version}"
             work.mkdir(parents=True, exist_ok=True)
             self._clean_work(keep=work)

@@ -50,7 +50,8 @@ class Locator:
         if not ours:
             seen = sorted({d for r in records for d in r.domains})
             raise CannotTakePart("domain", f"no validator scores domain {self.domain!r} yet (announced domains: "
-                                 f"{seen}); register a dataset for it with `expertmesh dataset submit`")
+                                 f"{seen}); a validator scores a domain once its operator enables it (scoring.domains) and a "
+                                 "dataset is registered (`expertmesh dataset submit`)")
         self._found = (ours[0].endpoint, time.monotonic())
         return ours[0].endpoint
 
