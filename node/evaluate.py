@@ -22,6 +22,13 @@ def mean_loss(model: torch.nn.Module, rows_NL: torch.Tensor, batch_size: int = 1
     return total / count
 
 
+def token_losses(model: torch.nn.Module, ids_BL: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] float32 next-token cross-entropy of each predicted token (with grad when grad is enabled)."""
+    logits_BLV = model(input_ids=ids_BL).logits
+    ce = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), ids_BL[:, 1:].flatten(), reduction="none")
+    return ce.view(ids_BL.shape[0], -1)
+
+
 @torch.no_grad()
 def row_losses(model: torch.nn.Module, rows_NL: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """[N] float64: each row's mean cross-entropy over its L-1 predicted tokens (their mean is mean_loss)."""
@@ -29,11 +36,7 @@ def row_losses(model: torch.nn.Module, rows_NL: torch.Tensor, batch_size: int = 
         raise ValueError("no evaluation tokens: the held-out split is empty")
     was_training = model.training
     model.eval()
-    out = []
-    for i in range(0, rows_NL.shape[0], batch_size):
-        ids_BL = rows_NL[i : i + batch_size]
-        logits_BLV = model(input_ids=ids_BL).logits
-        ce = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), ids_BL[:, 1:].flatten(), reduction="none")
-        out.append(ce.view(ids_BL.shape[0], -1).double().mean(1))
+    out = [token_losses(model, rows_NL[i : i + batch_size]).double().mean(1)
+           for i in range(0, rows_NL.shape[0], batch_size)]
     model.train(was_training)
     return torch.cat(out)

@@ -21,9 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from expertmesh.node.evaluate import row_losses
+from expertmesh.node.evaluate import row_losses, token_losses
 from expertmesh.node.moe import MoEModel
 from expertmesh.node.train import SelectiveExperts
 from expertmesh.protocol.experts import ExpertSet
@@ -89,10 +88,7 @@ def loss_grads(moe: MoEModel, experts: ExpertSet, rows_NL: torch.Tensor, batch_s
     try:
         count = rows_NL[:, 1:].numel()
         for i in range(0, rows_NL.shape[0], batch_size):
-            ids_BL = rows_NL[i : i + batch_size]
-            logits_BLV = moe.model(input_ids=ids_BL).logits
-            loss = F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), ids_BL[:, 1:].flatten(), reduction="sum")
-            (loss / count).backward()
+            (token_losses(moe.model, rows_NL[i : i + batch_size]).sum() / count).backward()
         return sel.grads()
     finally:
         sel.detach()
