@@ -34,8 +34,8 @@ class AdmissionConfig:
             raise ValueError(f"timestamp_window_s={self.timestamp_window_s} must be within [1, 86400] seconds")
         if not 1 <= self.max_tracked_nonces <= 10_000_000:
             raise ValueError(f"max_tracked_nonces={self.max_tracked_nonces} must be within [1, 10^7]")
-        if set(self.max_payload_bytes) != set(envelope_mod.PREFIXES):
-            raise ValueError(f"max_payload_bytes needs exactly the kinds {sorted(envelope_mod.PREFIXES)}")
+        if set(self.max_payload_bytes) != set(envelope_mod.PAYLOAD_KINDS):
+            raise ValueError(f"max_payload_bytes needs exactly the kinds {sorted(envelope_mod.PAYLOAD_KINDS)}")
         if any(not 1 <= v <= 1 << 40 for v in self.max_payload_bytes.values()):
             raise ValueError("max_payload_bytes values must be within [1 byte, 1 TiB]")
 
@@ -54,6 +54,10 @@ class KeyPolicy:
         allow = frozenset(_read_key_ids(allow_file)) if allow_file is not None else None
         deny = frozenset(_read_key_ids(deny_file)) if deny_file is not None else frozenset()
         return cls(allow, deny)
+
+    def listed(self, public_key: bytes) -> bool:
+        """On the allow list (False when there is none: no key is vouched for by its operator)."""
+        return self._allow is not None and public_key in self._allow
 
     def ban(self, public_key: bytes) -> None:
         with self._lock:
@@ -133,7 +137,7 @@ class Admission:
         if abs(skew_s) > self.config.timestamp_window_s:
             raise StaleTimestamp(f"envelope timestamp is {skew_s:+.0f}s from this node's clock, outside "
                                  f"±{self.config.timestamp_window_s:.0f}s; check the sender's clock and re-sign")
-        limit = self.config.max_payload_bytes[kind]
+        limit = self.config.max_payload_bytes["delta" if kind == "commit" else kind]  # a commit announces a delta
         if env.payload_size > limit:
             raise Oversize(f"{kind} payload of {env.payload_size} bytes exceeds this node's limit of {limit} bytes")
         digest = envelope_mod.digest(kind, signed.body)

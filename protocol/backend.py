@@ -17,11 +17,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from expertmesh.protocol.errors import Rejected
 from expertmesh.protocol.types import (Blob, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
                             Submission)
 
 
 class ValidatorBackend(ABC):
+    def commit_delta(self, sub: Submission) -> Receipt:
+        """Record a commitment (protocol.commit; `sub.envelope.payload_sha256` is the commitment itself).
+
+        The same commitment again returns the first receipt. A backend without commit-then-reveal
+        refuses it (UNIMPLEMENTED)."""
+        raise Rejected("UNIMPLEMENTED", "this node does not take commitments")
+
     @abstractmethod
     def admit_delta(self, sub: Submission) -> Receipt | None:
         """Cheap checks on the header alone (round open? domain evaluated here? model version?).

@@ -14,6 +14,8 @@ from typing import Callable, Iterator, TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from expertmesh.protocol import commit as commit_mod
+from expertmesh.protocol import identity
 from expertmesh.protocol import envelope as envelope_mod
 from expertmesh.protocol import expertmesh_pb2_grpc as pbg
 from expertmesh.protocol import serde, streams
@@ -59,6 +61,19 @@ def sign_upload(kind: str, key: Ed25519PrivateKey, payload: bytes | Path, *, mod
     return envelope_mod.sign_envelope(kind, env, key)
 
 
+def sign_commit(key: Ed25519PrivateKey, payload: bytes | Path, *, model_version: int, model_sha256: bytes,
+                round: int, domain: str, pow_bits: int = 0) -> SignedEnvelope:
+    """The CommitDelta envelope for a delta `payload` (protocol.commit): its commitment, with a proof of
+    work of `pow_bits` (the round's RoundInfo.pow_bits)."""
+    sha, size = streams.hash_payload(payload)
+    public_key = identity.public_bytes(key)
+    commit = commit_mod.commitment(public_key, sha)
+    env = envelope_mod.new_envelope(key, payload_sha256=commit, payload_size=size, model_version=model_version,
+                                    model_sha256=model_sha256, round=round, domain=domain,
+                                    label=commit_mod.solve(public_key, commit, pow_bits))
+    return envelope_mod.sign_envelope("commit", env, key)
+
+
 class ValidatorClient:
     """One channel to one validator: `with ValidatorClient("host:port") as c: c.get_round()`."""
 
@@ -79,6 +94,12 @@ class ValidatorClient:
         self.close()
 
     # --- uploads -------------------------------------------------------------------------------
+    def commit_delta(self, envelope: SignedEnvelope) -> Receipt:
+        """Commit to a delta's payload before uploading it (sign_commit makes the envelope)."""
+        m = _call("CommitDelta", lambda: self._stub.CommitDelta(serde.signed_envelope_to_proto(envelope),
+                                                                timeout=self.config.call_timeout_s))
+        return serde.receipt_from_proto(m)
+
     def submit_delta(self, payload: bytes | Path, envelope: SignedEnvelope, timeout_s: float | None = None) -> Receipt:
         m = self._upload("SubmitDelta", self._stub.SubmitDelta, payload, envelope, timeout_s)
         return serde.receipt_from_proto(m)

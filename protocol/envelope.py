@@ -22,7 +22,9 @@ from expertmesh.protocol.errors import MalformedEnvelope, ProtocolError
 from expertmesh.protocol.types import NONCE_BYTES, Envelope, SignedEnvelope
 
 FORMAT = 1
-PREFIXES = {"delta": b"expertmesh/v1/delta|", "dataset": b"expertmesh/v1/dataset|"}
+PREFIXES = {"delta": b"expertmesh/v1/delta|", "dataset": b"expertmesh/v1/dataset|",
+            "commit": b"expertmesh/v1/commit|"}
+PAYLOAD_KINDS = ("delta", "dataset")  # uploads; a commit names a delta's payload without carrying it
 _FIXED = struct.Struct(">B32s32sQQ32sQQ16s")
 MAX_BODY_BYTES = _FIXED.size + 1 + 64 + 1 + 128
 

@@ -73,7 +73,7 @@ class Rejected(ProtocolError):
     """A backend's refusal of a well-formed request (wrong round, unknown domain, not found...)."""
 
     ALLOWED = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED",
-                         "RESOURCE_EXHAUSTED", "ALREADY_EXISTS", "UNAVAILABLE"})
+                         "RESOURCE_EXHAUSTED", "ALREADY_EXISTS", "UNAVAILABLE", "UNIMPLEMENTED"})
 
     def __init__(self, status: str, message: str):
         assert status in self.ALLOWED, status

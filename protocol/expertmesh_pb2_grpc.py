@@ -34,6 +34,11 @@ class ValidatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.CommitDelta = channel.unary_unary(
+                '/expertmesh.v1.Validator/CommitDelta',
+                request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.SignedEnvelope.SerializeToString,
+                response_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.Receipt.FromString,
+                _registered_method=True)
         self.SubmitDelta = channel.stream_unary(
                 '/expertmesh.v1.Validator/SubmitDelta',
                 request_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.SerializeToString,
@@ -78,6 +83,14 @@ class ValidatorStub:
 
 class ValidatorServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def CommitDelta(self, request, context):
+        """Commit, then reveal (docs/protocol.md): a delta is accepted only after a CommitDelta of its payload
+        in the same round, and copy disputes go to the earlier commitment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def SubmitDelta(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
@@ -131,6 +144,11 @@ class ValidatorServicer:
 
 def add_ValidatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'CommitDelta': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitDelta,
+                    request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.SignedEnvelope.FromString,
+                    response_serializer=expertmesh_dot_protocol_dot_expertmesh__pb2.Receipt.SerializeToString,
+            ),
             'SubmitDelta': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitDelta,
                     request_deserializer=expertmesh_dot_protocol_dot_expertmesh__pb2.UploadChunk.FromString,
@@ -181,6 +199,33 @@ def add_ValidatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Validator:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def CommitDelta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertmesh.v1.Validator/CommitDelta',
+            expertmesh_dot_protocol_dot_expertmesh__pb2.SignedEnvelope.SerializeToString,
+            expertmesh_dot_protocol_dot_expertmesh__pb2.Receipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def SubmitDelta(request_iterator,

@@ -122,7 +122,7 @@ def dataset_list_from_proto(m: pb.DatasetList) -> list[DatasetInfo]:
 def round_info_to_proto(x: RoundInfo) -> pb.RoundInfo:
     return pb.RoundInfo(round=x.round, model_version=x.model_version, model_sha256=x.model_sha256,
                         phase=_PHASE_TO_PROTO[x.phase], domains=list(x.domains), closes_at_ms=x.closes_at_ms,
-                        heldout_fraction=x.heldout_fraction)
+                        heldout_fraction=x.heldout_fraction, pow_bits=x.pow_bits)
 
 
 def round_info_from_proto(m: pb.RoundInfo) -> RoundInfo:
@@ -130,7 +130,7 @@ def round_info_from_proto(m: pb.RoundInfo) -> RoundInfo:
         raise ProtocolError(f"unknown round phase {m.phase}")
     return RoundInfo(round=m.round, model_version=m.model_version, model_sha256=m.model_sha256,
                      phase=_PHASE_FROM_PROTO[m.phase], domains=tuple(m.domains), closes_at_ms=m.closes_at_ms,
-                     heldout_fraction=m.heldout_fraction)
+                     heldout_fraction=m.heldout_fraction, pow_bits=m.pow_bits)
 
 
 def round_query_to_proto() -> pb.RoundQuery:

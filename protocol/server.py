@@ -126,6 +126,12 @@ class _Servicer(pbg.ValidatorServicer):
         self._inflight_lock = threading.Lock()
 
     # --- uploads -------------------------------------------------------------------------------
+    def CommitDelta(self, request, context):
+        def commit():
+            sub = self._admission.admit("commit", serde.signed_envelope_from_proto(request))
+            return serde.receipt_to_proto(self._backend.commit_delta(sub))
+        return _answer(context, "CommitDelta", commit)
+
     def SubmitDelta(self, request_iterator, context):
         return _answer(context, "SubmitDelta", lambda: serde.receipt_to_proto(
             self._upload("delta", request_iterator, context)))

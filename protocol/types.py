@@ -191,6 +191,7 @@ class RoundInfo:
     domains: tuple[str, ...]
     closes_at_ms: int
     heldout_fraction: float  # the validator's: which records it holds out (protocol.heldout)
+    pow_bits: int = 0  # proof of work a commitment from a key without standing carries (protocol.commit)
 
     def __post_init__(self) -> None:
         _check_u64("round", self.round)
@@ -203,6 +204,7 @@ class RoundInfo:
         _check_u64("closes_at_ms", self.closes_at_ms)
         _need(isinstance(self.heldout_fraction, float) and 0 < self.heldout_fraction < 1,
               "heldout_fraction must be within (0, 1)")
+        _need(isinstance(self.pow_bits, int) and 0 <= self.pow_bits <= 64, "pow_bits must be within [0, 64]")
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,28 @@ class ScoringSection(Section):
                            "of its routing (ESFT token score, the validator's own profile of the domain's train data)")
     foreign_experts: int = Field(4, ge=0, le=1 << 20, description="experts outside its domain's a delta may touch")
     profile_tokens: int = Field(16_384, ge=256, le=1 << 30, description="train tokens profiled per domain and round")
-    copy_cosine: float = Field(0.98, gt=0, le=1, description="reject as a copy above this cosine to an earlier delta")
+    copy_cosine: float = Field(0.98, gt=0, le=1, description="reject as a copy, unevaluated, above this cosine to an "
+                               "earlier delta")
+    copy_z: float = Field(4.0, ge=0, le=1000, description="copy rule: with the earlier deltas it resembles most "
+                          "projected out, what is left of a delta must still pass the noise rule at z >= this")
+    copy_span: int = Field(8, ge=0, le=64, description="earlier deltas of the round (highest cosine first) a delta "
+                           "is projected on by the copy rule; 0: off")
     negligible_ratio: float = Field(1e-6, ge=0, le=1, description="‖Δ‖/‖W‖ below this scores 0 without evaluation")
     max_update_ratio: float = Field(0.5, gt=0, le=100, description="per-expert cap on ‖Δ_e‖/‖W_e‖")
     min_score: float = Field(0.0, ge=0, le=100, description="accepted only when the score is above this")
+
+
+class AdmissionSection(Section):
+    """Who may submit, and what a new identity costs (docs/SECURITY.md "Identity")."""
+
+    allow_file: Path | None = Field(None, description="only the key ids listed here (one per line, '#' comments) "
+                                    "may commit, submit or register; absent: any key not denied")
+    deny_file: Path | None = Field(None, description="key ids refused outright")
+    pow_bits: int = Field(22, ge=0, le=40, description="proof of work each commitment from a key without standing "
+                          "carries: about 2^bits sha256 calls (22: about 2 s on one core); 0: none")
+    trusted_after: int = Field(1, ge=1, le=1_000_000, description="accepted deltas in published versions after "
+                               "which a key commits without proof of work (listed keys of allow_file: always)")
+    max_commits: int = Field(4, ge=1, le=1000, description="commitments one key may hold per round")
 
 
 class MergeSection(Section):
@@ -116,6 +134,7 @@ class ValidatorConfig(Section):
     server: ServerSection = ServerSection()
     rounds: RoundsSection = RoundsSection()
     scoring: ScoringSection = ScoringSection()
+    admission: AdmissionSection = AdmissionSection()
     merge: MergeSection = MergeSection()
     publish: PublishSection = PublishSection()
     datasets: DatasetsSection = DatasetsSection()
@@ -146,8 +165,10 @@ def _resolve_paths(cfg: ValidatorConfig, base: Path) -> ValidatorConfig:
     rel = lambda p: p if p is None or p.is_absolute() else base / p  # noqa: E731
     preload = tuple(p.model_copy(update={"path": rel(p.path)}) for p in cfg.datasets.preload)
     datasets = cfg.datasets.model_copy(update={"preload": preload, "heldout_key": rel(cfg.datasets.heldout_key)})
+    admission = cfg.admission.model_copy(update={"allow_file": rel(cfg.admission.allow_file),
+                                                 "deny_file": rel(cfg.admission.deny_file)})
     return cfg.model_copy(update={"state_dir": rel(cfg.state_dir), "model": rel(cfg.model), "key": rel(cfg.key),
-                                  "datasets": datasets})
+                                  "datasets": datasets, "admission": admission})
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ValidatorConfig:

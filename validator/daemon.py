@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from expertmesh.node.locks import hold_state_dir
 from expertmesh.protocol import identity
-from expertmesh.protocol.admission import AdmissionConfig
+from expertmesh.protocol.admission import AdmissionConfig, KeyPolicy
 from expertmesh.protocol.server import ServerConfig, ValidatorServer
 from expertmesh.validator.announce import Announced, Announcer
 from expertmesh.protocol.heldout import load_or_create_key as load_or_create_heldout_key
@@ -92,7 +92,9 @@ def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Validat
     metrics = Metrics()
     metrics.version.set(ledger.latest_version().version)
     scheduler = Scheduler(cfg, ledger, book, runtime, registry, spool, metrics, hooks or PhaseHooks.from_env())
-    intake = Intake(ledger, book, spool, registry, cfg, metrics)
+    a = cfg.admission
+    policy = KeyPolicy.from_files(a.allow_file, a.deny_file)
+    intake = Intake(ledger, book, spool, registry, cfg, metrics, policy)
     service = ValidatorService(intake, ledger, book, registry, checkpoints, identity.public_bytes(key))
     return ValidatorNode(cfg, key, ledger, registry, spool, book, runtime, metrics, scheduler, service)
 
@@ -109,7 +111,7 @@ def serve(node: ValidatorNode, stop: threading.Event) -> None:
     # the DHT first: hivemind forks its process, which is only safe before gRPC starts its threads
     announcer = Announcer(cfg.dht, node.key) if cfg.dht.enabled else None
     try:
-        server = ValidatorServer(node.service, server_cfg)
+        server = ValidatorServer(node.service, server_cfg, node.service.intake.policy)
     except BaseException:
         if announcer is not None:
             announcer.stop()

@@ -14,7 +14,9 @@ import logging
 import sqlite3
 from pathlib import Path
 
+from expertmesh.protocol.admission import KeyPolicy
 from expertmesh.protocol.codec import read_delta_header
+from expertmesh.protocol.commit import commitment, work_bits
 from expertmesh.protocol.delta_format import MAX_HEADER_BYTES
 from expertmesh.protocol.errors import DeltaFormatError, Rejected
 from expertmesh.protocol.identity import key_id
@@ -40,9 +42,9 @@ def read_header_prefix(path: Path):
 
 class Intake:
     def __init__(self, ledger: Ledger, book: RoundBook, spool: Spool, registry: Registry, cfg: ValidatorConfig,
-                 metrics: Metrics):
+                 metrics: Metrics, policy: KeyPolicy | None = None):
         self.ledger, self.book, self.spool, self.registry = ledger, book, spool, registry
-        self.cfg, self.metrics = cfg, metrics
+        self.cfg, self.metrics, self.policy = cfg, metrics, policy or KeyPolicy()
 
     def scored_domains(self) -> list[str]:
         """Domains a submission may name: those the current round was frozen with (validator/evalset.py)."""
@@ -58,11 +60,8 @@ class Intake:
                        message=f"queued for scoring in round {row.round}")
 
     # --- deltas --------------------------------------------------------------------------------
-    def admit_delta(self, sub: Submission) -> Receipt | None:
-        env = sub.envelope
-        known = self.ledger.submission(sub.digest.hex())
-        if known is not None:
-            return self._receipt(known)
+    def _open_round_for(self, env) -> None:
+        """The envelope names the open round, its model version and a domain scored in it."""
         cur = self.book.current()
         if cur.state != "open" or env.round != cur.round:
             raise self._refuse("FAILED_PRECONDITION", f"round {env.round} is not open here (current round {cur.round} "
@@ -77,10 +76,50 @@ class Intake:
             raise self._refuse("FAILED_PRECONDITION", f"domain {env.domain!r} is not scored in round {cur.round} "
                                f"(scored: {domains}); new domains need the operator's scoring.domains, and datasets "
                                "registered during a round are scored from the next one")
-        earlier = self.ledger.same_payload(cur.round, key_id(env.public_key), env.payload_sha256.hex())
+
+    def trusted(self, public_key: bytes) -> bool:
+        """Commits without proof of work: on the allow list, or with `trusted_after` accepted deltas."""
+        return self.policy.listed(public_key) or \
+            self.ledger.accepted_count(key_id(public_key)) >= self.cfg.admission.trusted_after
+
+    # --- commitments ---------------------------------------------------------------------------
+    def commit_delta(self, sub: Submission) -> Receipt:
+        env, adm = sub.envelope, self.cfg.admission
+        self._open_round_for(env)
+        if adm.pow_bits and not self.trusted(env.public_key):
+            bits = work_bits(env.public_key, env.payload_sha256, env.label)
+            if bits < adm.pow_bits:
+                raise self._refuse("PERMISSION_DENIED", f"the commitment carries {bits} bits of proof of work; this "
+                                   f"validator asks {adm.pow_bits} of keys without accepted work (GetRound's pow_bits;"
+                                   " protocol.commit.solve)")
+        got = self.ledger.add_commit(env.round, key_id(env.public_key), env.payload_sha256.hex(), sub.digest.hex(),
+                                     now_ms(), adm.max_commits)
+        if got is None:
+            raise self._refuse("RESOURCE_EXHAUSTED", f"this key already holds {adm.max_commits} commitments in round "
+                               f"{env.round}; submit one of them or wait for the next round")
+        seq, digest = got
+        return Receipt(submission_id=bytes.fromhex(digest), round=env.round, payload_bytes=env.payload_size,
+                       message=f"commitment {seq} of round {env.round} recorded; now upload the payload")
+
+    # --- deltas --------------------------------------------------------------------------------
+    def admit_delta(self, sub: Submission) -> Receipt | None:
+        env = sub.envelope
+        known = self.ledger.submission(sub.digest.hex())
+        if known is not None:
+            return self._receipt(known)
+        self._open_round_for(env)
+        earlier = self.ledger.same_payload(env.round, key_id(env.public_key), env.payload_sha256.hex())
         if earlier is not None:
             return self._receipt(earlier)
+        if self._commit_seq(env) is None:
+            raise self._refuse("FAILED_PRECONDITION", f"this key made no commitment to this payload in round "
+                               f"{env.round}; send CommitDelta first, then the payload (commit, then reveal: "
+                               "docs/protocol.md)")
         return None
+
+    def _commit_seq(self, env) -> int | None:
+        return self.ledger.commit_seq(env.round, key_id(env.public_key),
+                                      commitment(env.public_key, env.payload_sha256).hex())
 
     def accept_delta(self, sub: Submission, payload: Path) -> Receipt:
         env = sub.envelope
@@ -97,7 +136,7 @@ class Intake:
                             model_version=env.model_version, payload_sha256=env.payload_sha256.hex(),
                             payload_bytes=env.payload_size, path=rel, codec=header.codec,
                             token_count=header.token_count, experts=header.experts,
-                            received_ms=now_ms())
+                            received_ms=now_ms(), commit_seq=self._commit_seq(env))
         try:
             self.book.record(row)
         except IntakeRefused as exc:

@@ -2,8 +2,11 @@
 
 Order, cheapest first: the codec (format: declared experts, shapes, finite values), the checks
 (version, norm cap), expert ownership (the experts the validator's own profile of the domain gives
-it, plus `foreign_experts`), negligible size (score 0, not evaluated), anti-copy (cosine to every earlier decodable delta of the
-round, reloaded one at a time so memory holds two deltas), then held-out evaluation on every scored domain (validator/scoring.py).
+it, plus `foreign_experts`), negligible size (score 0, not evaluated), exact copies (cosine to every
+earlier decodable delta of the round above `copy_cosine`, reloaded one at a time), then held-out
+evaluation on every scored domain with the guard, gain, noise and copy rules (validator/scoring.py);
+the copy rule projects out the `copy_span` earlier deltas most like this one. "Earlier" is the order
+of commitments (protocol.commit), not of arrival.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from expertmesh.validator.config import ScoringSection
 from expertmesh.validator.ledger import SubmissionRow, VerdictRow
 from expertmesh.validator.merge import merge_weight
 from expertmesh.validator.runtime import ModelRuntime
-from expertmesh.validator.scoring import BaseLosses, EvalRows, evaluate, max_cosine
+from expertmesh.validator.scoring import BaseLosses, EvalRows, evaluate, nearest
 from expertmesh.validator.spool import Spool
 
 # Verdict codes of submissions whose payload never decoded or failed the checks: not compared for copies.
@@ -79,15 +82,22 @@ def judge(sub: SubmissionRow, earlier: list[SubmissionRow], runtime: ModelRuntim
         for other in earlier:
             yield other.digest, decode(spool, other, runtime)
 
-    cos, twin = max_cosine(delta.tensors, others())
-    sizes["max_cosine"] = cos
-    if cos > cfg.copy_cosine:
-        return done("rejected", "copy", f"cosine {cos:.4f} > {cfg.copy_cosine} with submission {twin[:16]}",
-                    copy_of=twin, **sizes)
-    s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score, cfg.min_z)
+    near = nearest(delta.tensors, others(), cfg.copy_span)
+    sizes["max_cosine"] = near.cosine
+    if near.cosine > cfg.copy_cosine:
+        return done("rejected", "copy", f"cosine {near.cosine:.4f} > {cfg.copy_cosine} with submission "
+                    f"{near.twin[:16]}", copy_of=near.twin, **sizes)
+    s = evaluate(runtime.moe, delta.tensors, sub.domain, ev.rows, ev.base, cfg.guard_epsilon, cfg.min_score, cfg.min_z,
+                 near.related, cfg.copy_z)
     weight = merge_weight(s.score) if s.verdict == "accepted" else None
     return done(s.verdict, s.code, s.reason, s.score, base_loss=s.base_loss, new_loss=s.new_loss, sign_z=s.sign_z,
-                cross=s.cross, eval_tokens=s.eval_tokens, weight=weight, **sizes)
+                copy_z=s.copy_z, copy_of=s.copy_of, cross=s.cross, eval_tokens=s.eval_tokens, weight=weight, **sizes)
+
+
+def claim_order(sub: SubmissionRow) -> tuple[int, int]:
+    """Scoring order: by commitment (protocol.commit), so of two copies the one committed first is the original;
+    submissions from before commitments existed (schema 3 ledgers) by arrival, ahead of them."""
+    return (sub.commit_seq if sub.commit_seq is not None else 0, sub.seq)
 
 
 def comparable(subs: list[SubmissionRow], verdicts: dict[str, VerdictRow]) -> list[SubmissionRow]:

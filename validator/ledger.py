@@ -16,7 +16,8 @@ from typing import Iterator
 
 from expertmesh.protocol.experts import ExpertSet
 
-SCHEMA_VERSION = 3  # 2: verdicts.code (was the prefix of reason); 3: verdicts.sign_z, cross (general_* unused)
+SCHEMA_VERSION = 4  # 2: verdicts.code (was the prefix of reason); 3: verdicts.sign_z, cross (general_* unused);
+# 4: commits, submissions.commit_seq, verdicts.copy_z
 STATES = ("open", "scoring", "merging", "published", "empty")
 VERDICTS = ("accepted", "zero", "rejected")
 
@@ -32,13 +33,17 @@ CREATE TABLE IF NOT EXISTS submissions (
   round INTEGER NOT NULL REFERENCES rounds(round), miner TEXT NOT NULL, domain TEXT NOT NULL,
   model_version INTEGER NOT NULL, payload_sha256 TEXT NOT NULL, payload_bytes INTEGER NOT NULL,
   path TEXT NOT NULL, codec TEXT NOT NULL, token_count INTEGER NOT NULL, experts TEXT NOT NULL,
-  received_ms INTEGER NOT NULL);
+  received_ms INTEGER NOT NULL, commit_seq INTEGER);
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_payload ON submissions (round, miner, payload_sha256);
 CREATE TABLE IF NOT EXISTS verdicts (
   digest TEXT PRIMARY KEY REFERENCES submissions(digest), round INTEGER NOT NULL,
   verdict TEXT NOT NULL CHECK (verdict IN {VERDICTS}), code TEXT NOT NULL, reason TEXT NOT NULL, score REAL NOT NULL,
   base_loss REAL, new_loss REAL, sign_z REAL, cross TEXT, max_cosine REAL, copy_of TEXT,
-  update_ratio REAL, delta_norm REAL, eval_tokens INTEGER, weight REAL, seconds REAL, scored_ms INTEGER NOT NULL);
+  update_ratio REAL, delta_norm REAL, eval_tokens INTEGER, weight REAL, seconds REAL, scored_ms INTEGER NOT NULL,
+  copy_z REAL);
+CREATE TABLE IF NOT EXISTS commits (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, miner TEXT NOT NULL, commitment TEXT NOT NULL,
+  digest TEXT NOT NULL, received_ms INTEGER NOT NULL, UNIQUE (round, miner, commitment));
 CREATE TABLE IF NOT EXISTS versions (
   version INTEGER PRIMARY KEY, parent INTEGER, round INTEGER, dir TEXT NOT NULL,
   manifest_sha256 TEXT NOT NULL, published_ms INTEGER NOT NULL, pruned INTEGER NOT NULL DEFAULT 0);
@@ -83,6 +88,7 @@ class SubmissionRow:
     token_count: int
     experts: ExpertSet  # stored as its JSON object
     received_ms: int
+    commit_seq: int | None = None  # its commitment's place in the commit order (protocol.commit); None before schema 4
 
     def to_db(self) -> tuple:
         return tuple(json.dumps(self.experts.to_esft(), sort_keys=True) if f.name == "experts" else getattr(self, f.name)
@@ -113,6 +119,7 @@ class VerdictRow:
     weight: float | None = None
     seconds: float | None = None
     scored_ms: int = 0
+    copy_z: float | None = None  # the copy rule's statistic: z of what is left after earlier deltas (validator/scoring.py)
 
     def to_db(self) -> tuple:
         return tuple(json.dumps(self.cross, sort_keys=True) if f.name == "cross" and self.cross is not None
@@ -184,17 +191,26 @@ class Ledger:
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) in (1, 2):
-                if int(row[0]) == 1:  # the code was the reason's prefix up to ':'
-                    db.execute("ALTER TABLE verdicts ADD COLUMN code TEXT NOT NULL DEFAULT ''")
-                    db.execute("UPDATE verdicts SET code = CASE WHEN instr(reason, ':') > 0 "
-                               "THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END")
-                db.execute("ALTER TABLE verdicts ADD COLUMN sign_z REAL")  # the general mix's columns stay, unused
-                db.execute("ALTER TABLE verdicts ADD COLUMN cross TEXT")
-                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+            elif int(row[0]) in range(1, SCHEMA_VERSION):
+                self._upgrade(db, int(row[0]))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise ValueError(f"{self.path}: ledger schema {row[0]} is not {SCHEMA_VERSION}; "
                                  "use a fresh state_dir or a matching expertmesh version")
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection, version: int) -> None:
+        """An older ledger, brought up to SCHEMA_VERSION in place (new tables: already made by SCHEMA)."""
+        if version == 1:  # the code was the reason's prefix up to ':'
+            db.execute("ALTER TABLE verdicts ADD COLUMN code TEXT NOT NULL DEFAULT ''")
+            db.execute("UPDATE verdicts SET code = CASE WHEN instr(reason, ':') > 0 "
+                       "THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END")
+        if version <= 2:
+            db.execute("ALTER TABLE verdicts ADD COLUMN sign_z REAL")  # the general mix's columns stay, unused
+            db.execute("ALTER TABLE verdicts ADD COLUMN cross TEXT")
+        if version <= 3:
+            db.execute("ALTER TABLE submissions ADD COLUMN commit_seq INTEGER")
+            db.execute("ALTER TABLE verdicts ADD COLUMN copy_z REAL")
+        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:
@@ -264,6 +280,37 @@ class Ledger:
         if miner is None:
             return db.execute("SELECT COUNT(*) FROM submissions WHERE round=?", (number,)).fetchone()[0]
         return db.execute("SELECT COUNT(*) FROM submissions WHERE round=? AND miner=?", (number, miner)).fetchone()[0]
+
+    # --- commitments (protocol.commit) ---------------------------------------------------------
+    def add_commit(self, number: int, miner: str, commitment: str, digest: str, received_ms: int, limit: int
+                   ) -> tuple[int, str] | None:
+        """(seq, digest) of the commitment: the first one's for a known commitment; None when `miner` already
+        holds `limit` others in this round."""
+        with self.transaction() as db:
+            known = db.execute("SELECT seq, digest FROM commits WHERE round=? AND miner=? AND commitment=?",
+                               (number, miner, commitment)).fetchone()
+            if known is not None:
+                return tuple(known)
+            n = db.execute("SELECT COUNT(*) FROM commits WHERE round=? AND miner=?", (number, miner)).fetchone()[0]
+            if n >= limit:
+                return None
+            cur = db.execute("INSERT INTO commits (round, miner, commitment, digest, received_ms) VALUES (?, ?, ?, ?, ?)",
+                             (number, miner, commitment, digest, received_ms))
+            return cur.lastrowid, digest
+
+    def commit_seq(self, number: int, miner: str, commitment: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM commits WHERE round=? AND miner=? AND commitment=?",
+                                   (number, miner, commitment)).fetchone()
+        return row[0] if row else None
+
+    def accepted_count(self, miner: str) -> int:
+        """Submissions of `miner` merged into published versions: its standing (docs/SECURITY.md "Identity")."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM verdicts v JOIN submissions s ON s.digest=v.digest JOIN rounds r "
+                "ON r.round=v.round WHERE s.miner=? AND v.verdict='accepted' AND r.state='published'",
+                (miner,)).fetchone()[0]
 
     def spool_paths(self) -> set[str]:
         with self._lock:

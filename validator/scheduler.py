@@ -19,7 +19,7 @@ from pathlib import Path
 
 from expertmesh.validator.config import ValidatorConfig
 from expertmesh.validator.evalset import build_rows, owned_experts
-from expertmesh.validator.judging import RoundEval, comparable, judge
+from expertmesh.validator.judging import RoundEval, claim_order, comparable, judge
 from expertmesh.validator.ledger import Ledger, RoundRow
 from expertmesh.validator.metrics import Metrics
 from expertmesh.validator.publish import prune
@@ -104,7 +104,7 @@ class Scheduler:
         return self._eval[row.round]
 
     def _score_next(self, row: RoundRow) -> None:
-        subs = self.ledger.submissions(row.round)
+        subs = sorted(self.ledger.submissions(row.round), key=claim_order)
         verdicts = self.ledger.verdicts(row.round)
         pending = [s for s in subs if s.digest not in verdicts]
         if not pending:
@@ -119,7 +119,7 @@ class Scheduler:
                 self.on_change()
             return
         sub = pending[0]
-        earlier = comparable([s for s in subs if s.seq < sub.seq], verdicts)
+        earlier = comparable(subs[:subs.index(sub)], verdicts)
         ev = self.round_eval(row)
         verdict = judge(sub, earlier, self.runtime, self.spool, row.base_version, ev, self.cfg.scoring)
         self.ledger.add_verdict(verdict)

@@ -9,14 +9,18 @@ model, delta and rows always give the same score. Three rules decide on top of i
   z = Σ a_i / √(Σ a_i²); a delta whose signs carry no information about g (noise) has
   P(z ≥ t) ≤ exp(−t²/2) whatever its magnitudes (Hoeffding), and it must reach z ≥ min_z;
 - the score must be above min_score.
-A delta that is (nearly) zero, or a copy of an earlier one in the round, never reaches evaluation.
+- copy: what is left of the delta once the round's earlier deltas most like it are projected out
+  (least squares over its own tensors) must pass the noise test too, at z ≥ copy_z. A copy, scaled,
+  cut to some experts or buried in noise, leaves only that noise (z near 0); an honest miner's own
+  work survives the projection (measured in scripts/bench_copies.py).
+A delta that is (nearly) zero, or an exact copy (cosine > copy_cosine), never reaches evaluation.
 
 Legend: N rows, L tokens per row, D scored domains.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -61,6 +65,8 @@ class Score:
     sign_z: float | None = None
     cross: dict[str, list[float]] | None = None  # every scored domain: [loss before, loss after]
     eval_tokens: int | None = None
+    copy_z: float | None = None  # the copy rule's z of what earlier deltas leave unexplained
+    copy_of: str | None = None
 
 
 @contextmanager
@@ -118,20 +124,63 @@ def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> floa
     return dot / (na * nb)
 
 
-def max_cosine(delta: Mapping[str, torch.Tensor], earlier: Iterator[tuple[str, Mapping[str, torch.Tensor]]]
-               ) -> tuple[float, str | None]:
-    """Highest cosine to any earlier delta (given one at a time, so memory holds two), and whose it is."""
-    best, who = -math.inf, None
+def residual(delta: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str, torch.Tensor]]
+             ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Δ minus its least-squares projection on the span of earlier deltas, over Δ's own tensors.
+
+    Returns the residual and the coefficients c (Δ ≈ Σ c_j E_j + residual). A copy of an earlier delta,
+    scaled, cut to some of its experts or buried in added noise, leaves a residual that is that noise."""
+    keys = sorted(delta)
+    E = [{k: e[k].double() for k in keys if k in e} for e in earlier]
+    d = {k: delta[k].double() for k in keys}
+
+    def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+        return sum(float((a[k] * b[k]).sum()) for k in sorted(a.keys() & b.keys()))
+
+    G = torch.tensor([[dot(a, b) for b in E] for a in E], dtype=torch.float64).reshape(len(E), len(E))
+    rhs = torch.tensor([dot(e, d) for e in E], dtype=torch.float64)
+    c = (torch.linalg.pinv(G, hermitian=True) @ rhs).tolist() if E else []
+    out = {}
+    for k in keys:
+        r = d[k].clone()
+        for cj, e in zip(c, E):
+            if k in e:
+                r -= cj * e[k]
+        out[k] = r.to(delta[k].dtype)
+    return out, c
+
+
+@dataclass(frozen=True)
+class Nearest:
+    """A delta against the round's earlier ones: the highest cosine, whose it is, and the `span` most
+    similar (cosine > 0, highest first) cut to the delta's own tensors, for the copy rule."""
+
+    cosine: float
+    twin: str | None
+    related: list[tuple[str, dict[str, torch.Tensor]]]
+
+
+def nearest(delta: Mapping[str, torch.Tensor], earlier: Iterator[tuple[str, Mapping[str, torch.Tensor]]],
+            span: int = 0) -> Nearest:
+    """Earlier deltas come one at a time, so memory holds this one, one earlier and `span` cut ones."""
+    best, who, related = -math.inf, None, []
     for name, other in earlier:
         c = cosine(delta, other)
         if c > best:
             best, who = c, name
-    return (best, who) if who is not None else (0.0, None)
+        if span and c > 0:
+            related.append((c, name, {k: other[k] for k in delta if k in other}))
+            related = sorted(related, key=lambda r: -r[0])[:span]
+    return Nearest(best if who is not None else 0.0, who, [(name, t) for _, name, t in related])
 
 
 def evaluate(moe: MoEModel, delta: Mapping[str, torch.Tensor], domain: str, rows: EvalRows, base: BaseLosses,
-             guard_epsilon: float, min_score: float, min_z: float) -> Score:
-    """Score one delta that passed the checks: every scored domain's loss, then guard, gain and noise rules."""
+             guard_epsilon: float, min_score: float, min_z: float,
+             related: Sequence[tuple[str, Mapping[str, torch.Tensor]]] = (), copy_z: float = 0.0) -> Score:
+    """Score one delta that passed the checks: every scored domain's loss, then guard, gain, noise and copy rules.
+
+    Copy rule: Δ minus its projection on the `related` earlier deltas (scoring.residual) must itself pass
+    the noise rule's test at z ≥ copy_z; what an earlier delta explains is not this delta's work."""
     with applied(moe, delta):
         after = {d: row_losses(moe.model, r, rows.batch_size) for d, r in sorted(rows.domain_NL.items())}
     cross = {d: [float(base.rows[d].mean()), float(a.mean())] for d, a in after.items()}
@@ -145,10 +194,20 @@ def evaluate(moe: MoEModel, delta: Mapping[str, torch.Tensor], domain: str, rows
                      f"{guard_epsilon}", 0.0, **parts)
     if score <= min_score:
         return Score("zero", "no_gain", f"held-out loss {base_loss:.4f} -> {new_loss:.4f}", 0.0, **parts)
-    z = sign_z(loss_grads(moe, ExpertSet.from_keys(delta), rows.domain_NL[domain], rows.batch_size), delta)
+    grads = loss_grads(moe, ExpertSet.from_keys(delta), rows.domain_NL[domain], rows.batch_size)
+    z = sign_z(grads, delta)
     parts["sign_z"] = z
     if z < min_z:
         return Score("zero", "noise", f"gain {score:.5f} is not told from noise: its signs agree with the held-out "
                      f"gradient at z = {z:.2f} < {min_z} (a random-sign delta reaches {min_z} with probability "
                      f"≤ {math.exp(-min_z * min_z / 2):.1g})", 0.0, **parts)
+    if related:
+        left, coefs = residual(delta, [t for _, t in related])
+        parts["copy_z"] = rz = sign_z(grads, left)
+        if rz < copy_z:
+            share = [abs(c) * global_norm(t) for c, (_, t) in zip(coefs, related)]
+            twin = related[share.index(max(share))][0]
+            return Score("rejected", "copy", f"with earlier deltas projected out (most: {twin[:16]}, coefficient "
+                         f"{coefs[share.index(max(share))]:.2f}) what is left is noise: z = {rz:.2f} < {copy_z} "
+                         f"(the whole delta: z = {z:.1f})", 0.0, copy_of=twin, **parts)
     return Score("accepted", "ok", "", score, **parts)

@@ -33,6 +33,9 @@ class ValidatorService(ValidatorBackend):
         self.started = time.monotonic()
 
     # --- uploads -------------------------------------------------------------------------------
+    def commit_delta(self, sub: Submission) -> Receipt:
+        return self.intake.commit_delta(sub)
+
     def admit_delta(self, sub: Submission) -> Receipt | None:
         return self.intake.admit_delta(sub)
 
@@ -93,7 +96,8 @@ class ValidatorService(ValidatorBackend):
         return RoundInfo(round=row.round, model_version=row.base_version,
                          model_sha256=bytes.fromhex(base.manifest_sha256), phase=phase,
                          domains=tuple(self.intake.scored_domains()), closes_at_ms=row.deadline_ms,
-                         heldout_fraction=self.registry.limits.heldout_fraction)
+                         heldout_fraction=self.registry.limits.heldout_fraction,
+                         pow_bits=self.intake.cfg.admission.pow_bits)
 
     def status(self) -> NodeStatus:
         return NodeStatus(public_key=self.public_key, role="validator", software_version=SOFTWARE_VERSION,

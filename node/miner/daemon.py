@@ -133,9 +133,10 @@ class Miner:
             prepared = self.outbox.load(work)
             if prepared is None:
                 prepared = self._train(client, rnd, work)
-            self.say(f"round {rnd.round}: submitting {prepared.payload.stat().st_size:,} bytes to {address}")
+            work_note = f" (commitment with {rnd.pow_bits} bits of proof of work)" if rnd.pow_bits else ""
+            self.say(f"round {rnd.round}: submitting {prepared.payload.stat().st_size:,} bytes to {address}{work_note}")
             try:
-                receipt = self.outbox.send(client, prepared, rnd.model_sha256)
+                receipt = self.outbox.send(client, prepared, rnd.model_sha256, rnd.pow_bits)
             except CannotTakePart as exc:
                 self.book.record(rnd.round, {"outcome": "refused", "reason": str(exc), "version": rnd.model_version})
                 self.metrics.submissions.labels(outcome="refused").inc()

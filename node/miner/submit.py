@@ -2,7 +2,8 @@
 
 prepare: encode the delta with last round's error-feedback residual, sign the envelope, and write
 payload, envelope and the *next* residual into the round's work directory (nothing is sent yet).
-send: stream that same payload and envelope; a retry after a lost connection or a restart sends the
+send: commit to the payload (protocol.commit: its hash and the round's proof of work), then stream that
+same payload and envelope; a retry after a lost connection or a restart sends the
 identical signed submission, which the validator answers with its first receipt (idempotent). On a
 receipt the residual is promoted and the round recorded in the submission book, which is checked
 before any work on a round: the miner never submits twice for one round.
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from expertmesh.protocol.files import atomic_write
 from expertmesh.node.miner.locate import CannotTakePart
-from expertmesh.protocol.client import ValidatorClient, sign_upload
+from expertmesh.protocol.client import ValidatorClient, sign_commit, sign_upload
 from expertmesh.protocol.codec import CodecConfig, DeltaMeta, encode_delta
 from expertmesh.protocol.errors import RemoteError
 from expertmesh.protocol.types import Receipt, RoundInfo, SignedEnvelope
@@ -77,6 +78,15 @@ class Outbox:
         atomic_write(work_dir / "envelope.json", json.dumps(doc).encode())
         return Prepared(work_dir, round_number, version, payload, env)
 
+    def _commit(self, client: ValidatorClient, prepared: Prepared, model_sha256: bytes, pow_bits: int) -> None:
+        env = sign_commit(self.key, prepared.payload, model_version=prepared.model_version, model_sha256=model_sha256,
+                          round=prepared.round, domain=self.domain, pow_bits=pow_bits)
+        try:
+            client.commit_delta(env)
+        except RemoteError as exc:
+            if exc.code != "UNIMPLEMENTED":  # a validator without commit-then-reveal takes the payload alone
+                raise
+
     def load(self, work_dir: Path) -> Prepared | None:
         """A submission prepared before a restart (payload and envelope on disk), or None."""
         path = work_dir / "envelope.json"
@@ -86,16 +96,20 @@ class Outbox:
         env = SignedEnvelope(bytes.fromhex(doc["body"]), bytes.fromhex(doc["signature"]))
         return Prepared(work_dir, doc["round"], doc["model_version"], work_dir / "delta.safetensors", env)
 
-    def send(self, client: ValidatorClient, prepared: Prepared, model_sha256: bytes, resigned: bool = False) -> Receipt:
-        """Submit; CannotTakePart(reason="refused") for a final refusal, RemoteError for a retryable one."""
+    def send(self, client: ValidatorClient, prepared: Prepared, model_sha256: bytes, pow_bits: int = 0,
+             resigned: bool = False) -> Receipt:
+        """Commit, then submit; CannotTakePart(reason="refused") for a final refusal, RemoteError for a retryable one.
+
+        The commitment (protocol.commit) carries the round's proof of work; committing again is idempotent."""
         try:
+            self._commit(client, prepared, model_sha256, pow_bits)
             receipt = client.submit_delta(prepared.payload, prepared.envelope)
         except RemoteError as exc:
             # Signed too long ago (we were down): same payload, fresh envelope, once. Refused again, the
             # clocks disagree; that is retried with backoff and the validator's message says so.
             if exc.code == "OUT_OF_RANGE" and not resigned:
                 prepared = self._sign(prepared.work_dir, prepared.round, prepared.model_version, model_sha256)
-                return self.send(client, prepared, model_sha256, resigned=True)
+                return self.send(client, prepared, model_sha256, pow_bits, resigned=True)
             if exc.code in FINAL_CODES:
                 raise CannotTakePart("refused", f"round {prepared.round}: the validator refused the submission: "
                                      f"{exc.code}: {exc.details}") from None

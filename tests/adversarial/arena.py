@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validator"))
 
-from valhelpers import Daemon, config_doc, encode, ledger_rows, wait_until, write_config  # noqa: E402
+from valhelpers import Daemon, config_doc, encode, ledger_rows, submit, wait_until, write_config  # noqa: E402
 
 from expertmesh.protocol import identity  # noqa: E402
 from expertmesh.protocol.client import ClientConfig, ValidatorClient, sign_upload  # noqa: E402
@@ -34,12 +34,9 @@ class Arena:
     state: Path
 
     def submit(self, key, delta: dict, domain: str = "math", tokens: int = 20_480) -> str:
-        """Encode (int8), sign for the open round and upload; the submission's digest."""
+        """Encode (int8), commit, sign for the open round and upload; the submission's digest."""
         info = self.client.get_round()
-        payload = encode(delta, info.model_version, tokens=tokens)
-        env = sign_upload("delta", key, payload, model_version=info.model_version, model_sha256=info.model_sha256,
-                          round=info.round, domain=domain)
-        return self.client.submit_delta(payload, env).submission_id.hex()
+        return submit(self.client, key, encode(delta, info.model_version, tokens=tokens), domain)[0].submission_id.hex()
 
     def register(self, key, path: Path, domain: str, name: str = "upload") -> str:
         info = self.client.get_round()

@@ -46,6 +46,14 @@ def honest_math(math_texts):
     return train_delta(math_texts[:1000], seed=0)
 
 
+@pytest.fixture(scope="session")
+def second_math(math_texts):
+    """A second honest math miner: the other half of the data, its own seed."""
+    from valhelpers import train_delta
+
+    return train_delta(math_texts[1000:], seed=1)
+
+
 @pytest.fixture
 def live(tmp_path, corpora):
     """live(**sections) -> a running validator with math and literature preloaded; stopped after the test."""

@@ -1,12 +1,11 @@
 """Finding 2: a miner's claimed token count bought the merge (weight = score × claim). Weights are now
 the scores the validator measured; the claim is recorded and ignored."""
 from arena import MAX_U63, fresh_key
-from valhelpers import train_delta
 
 
-def test_a_claimed_token_count_buys_no_weight(live, honest_math, math_texts):
+def test_a_claimed_token_count_buys_no_weight(live, honest_math, second_math):
     v = live(rounds={"max_submissions": 2})
-    other = train_delta(math_texts[1000:], seed=1)  # a second honest miner, its own half of the data
+    other = second_math  # a second honest miner, its own half of the data
     liar = v.submit(fresh_key(), honest_math.delta, tokens=MAX_U63)
     modest = v.submit(fresh_key(), other.delta, tokens=1)
     verdicts = v.verdicts([liar, modest])

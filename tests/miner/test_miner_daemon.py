@@ -134,12 +134,12 @@ def test_a_resend_is_the_same_submission_even_after_the_signature_expired(tmp_pa
         work.mkdir()
         delta = _delta(_shapes(validator), {0: [3], 2: [7]})
         prepared = outbox.prepare(work, delta, rnd, tokens=1024, data_digest="ab" * 32)
-        first = outbox.send(client, prepared, rnd.model_sha256)
+        first = outbox.send(client, prepared, rnd.model_sha256, rnd.pow_bits)
         assert (tmp_path / "residual.safetensors").is_file()  # promoted with the receipt
-        again = outbox.send(client, outbox.load(work), rnd.model_sha256)  # a restart before it was recorded
+        again = outbox.send(client, outbox.load(work), rnd.model_sha256, rnd.pow_bits)  # a restart before it was recorded
         assert again.submission_id == first.submission_id
         time.sleep(1.6)  # the signed timestamp is now outside the validator's window
-        late = outbox.send(client, outbox.load(work), rnd.model_sha256)
+        late = outbox.send(client, outbox.load(work), rnd.model_sha256, rnd.pow_bits)
         assert late.submission_id == first.submission_id  # re-signed, same payload: still one submission
     assert len(validator.deltas(rnd.round)) == 1
 

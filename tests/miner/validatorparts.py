@@ -36,6 +36,9 @@ class Delegate(ValidatorBackend):
         self.admit_delta_calls = self.dataset_uploads = 0
         self._lock = threading.Lock()
 
+    def commit_delta(self, sub: Submission):
+        return self.service.commit_delta(sub)
+
     def admit_delta(self, sub: Submission):
         with self._lock:
             self.admit_delta_calls += 1
@@ -78,7 +81,8 @@ class Validator(Delegate):
     """A validator in `state_dir` (real parts, no scheduler) and the test's controls over it."""
 
     def __init__(self, state_dir: Path):
-        cfg = ValidatorConfig(state_dir=state_dir, rounds={"duration_s": 86_400})
+        cfg = ValidatorConfig(state_dir=state_dir, rounds={"duration_s": 86_400},
+                              admission={"pow_bits": 8})  # cheap proof of work: the miner still solves it
         super().__init__(build_node(cfg))
         self.address = ""  # set once a server serves it
 

@@ -27,6 +27,12 @@ def trained(math_texts):
     return train_delta(math_texts)
 
 
+@pytest.fixture(scope="session")
+def trained_other(math_texts):
+    """A second miner's delta: the other half of the math texts, its own seed (not a copy of `trained`)."""
+    return train_delta(math_texts[len(math_texts) // 2:], seed=1)
+
+
 @pytest.fixture
 def make_node(tmp_path):
     nodes = []

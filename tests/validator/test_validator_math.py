@@ -11,7 +11,7 @@ from tests.runtime.test_architectures import build
 from expertmesh.validator.checks import CheckFailed, check_delta, expert_norms
 from expertmesh.validator.config import MergeSection
 from expertmesh.validator.merge import WeightedMean, merge_weight, outer_step
-from expertmesh.validator.scoring import EvalRows, applied, base_losses, cosine, evaluate, max_cosine, sign_z
+from expertmesh.validator.scoring import EvalRows, applied, base_losses, cosine, evaluate, global_norm, Nearest, nearest, residual, sign_z
 
 PATTERN_NL = torch.arange(1, 33).repeat(12, 1) % 200 + 3  # a fixed sequence: easy to learn, easy to unlearn
 NOISE_NL = torch.randint(1, 256, (6, 32), generator=torch.Generator().manual_seed(5))
@@ -66,8 +66,9 @@ def test_cosine_sees_copies_negations_and_disjoint_experts(moe):
     assert cosine(a, b) == 0.0
     noisy = {k: v + rand_delta(moe, [(0, 1), (1, 2)], seed=3)[k] * 0.1 for k, v in a.items()}
     assert 0.98 < cosine(a, noisy) < 1.0
-    assert max_cosine(a, iter([("b", b), ("neg", {k: -v for k, v in a.items()})])) == (0.0, "b")
-    assert max_cosine(a, iter([])) == (0.0, None)
+    near = nearest(a, iter([("b", b), ("neg", {k: -v for k, v in a.items()}), ("noisy", noisy)]), span=1)
+    assert (near.cosine, near.twin) == (cosine(a, noisy), "noisy") and [n for n, _ in near.related] == ["noisy"]
+    assert nearest(a, iter([]), span=4) == Nearest(0.0, None, [])
 
 
 def trained_delta(moe, steps=15):
@@ -98,6 +99,40 @@ def test_a_trained_delta_scores_and_its_negation_does_not(moe):
     assert high_bar.verdict == "zero" and high_bar.code == "no_gain"
     unsure = evaluate(moe, delta, "pattern", rows, base, 10.0, min_score=0.0, min_z=good.sign_z + 1)
     assert unsure.verdict == "zero" and unsure.code == "noise" and "not told from noise" in unsure.reason
+
+
+def test_residual_removes_what_earlier_deltas_explain(moe):
+    a, b = rand_delta(moe, [(0, 1), (1, 2)], seed=1), rand_delta(moe, [(0, 1), (1, 2)], seed=2)
+    noise = rand_delta(moe, [(0, 1), (1, 2)], seed=3)
+    mix = {k: 0.5 * a[k] - 2.0 * b[k] + 1e-3 * noise[k] for k in a}
+    left, coefs = residual(mix, [a, b])
+    assert coefs == pytest.approx([0.5, -2.0], abs=1e-3)
+    assert global_norm(left) == pytest.approx(1e-3 * global_norm(noise), rel=0.01)
+    part = {expert_key(0, 1, p): a[expert_key(0, 1, p)] for p in PROJS}  # a copy of one of a's two experts
+    left, coefs = residual(part, [a])
+    assert coefs == pytest.approx([1.0]) and global_norm(left) < 1e-6 * global_norm(part)
+    assert residual(a, [])[1] == [] and all(torch.equal(v, a[k]) for k, v in residual(a, [])[0].items())
+
+
+def test_the_copy_rule_refuses_a_copy_in_noise_and_passes_independent_work(moe):
+    rows = EvalRows({"pattern": torch.stack([PATTERN_NL[0].roll(i) for i in range(4)])}, batch_size=4)
+    base = base_losses(moe, rows)
+    original = trained_delta(moe)
+    g = torch.Generator().manual_seed(9)
+    size = global_norm(original)
+    noise = {k: torch.randn(v.shape, generator=g) for k, v in original.items()}
+    scale = 2 * size / global_norm(noise)
+    copy = {k: 0.5 * v + scale * noise[k] for k, v in original.items()}  # cosine about 0.24
+    assert cosine(copy, original) < 0.5
+    plain = evaluate(moe, copy, "pattern", rows, base, 10.0, min_score=0.0, min_z=4.0)
+    assert plain.verdict == "accepted", "without the copy rule the buried copy is paid"
+    judged = evaluate(moe, copy, "pattern", rows, base, 10.0, 0.0, 4.0, related=[("orig", original)], copy_z=4.0)
+    assert judged.verdict == "rejected" and judged.code == "copy" and judged.copy_of == "orig", judged
+    assert abs(judged.copy_z) < 4.0 and judged.sign_z > 4.0
+    torch.manual_seed(1)
+    other = trained_delta(moe, steps=10)  # independent work on the same data: its own steps survive the projection
+    mine = evaluate(moe, other, "pattern", rows, base, 10.0, 0.0, 4.0, related=[("orig", original)], copy_z=4.0)
+    assert mine.verdict == "accepted" and mine.copy_z >= 4.0, mine
 
 
 def test_sign_z_is_the_sign_agreement_statistic():

@@ -116,12 +116,16 @@ def test_a_schema_1_ledger_gets_its_verdict_codes_from_the_reasons(book, tmp_pat
     for n, reason in enumerate(["copy: cosine 0.9990 > 0.98 with submission 00", "ok"]):
         book.ledger.add_verdict(VerdictRow(f"{n:064x}", 1, "rejected" if n == 0 else "accepted", "x", reason, 0.0))
     with book.ledger.transaction() as db:  # what schema 1 stored: the code only as the reason's prefix
-        for column in ("code", "sign_z", "cross"):
+        for column in ("code", "sign_z", "cross", "copy_z"):
             db.execute(f"ALTER TABLE verdicts DROP COLUMN {column}")
+        db.execute("ALTER TABLE submissions DROP COLUMN commit_seq")
+        db.execute("DROP TABLE commits")
         db.execute("UPDATE meta SET value='1' WHERE key='schema'")
     book.ledger.close()
     again = Ledger(tmp_path / "ledger.sqlite")
     assert {v.digest[-1]: v.code for v in again.verdicts(1).values()} == {"0": "copy", "1": "ok"}
+    assert [s.commit_seq for s in again.submissions(1)] == [None, None], "judged in arrival order, as before"
+    assert again.add_commit(2, "a", "cd" * 32, "ef" * 32, 0, limit=1) == (1, "ef" * 32)
     again.close()
 
 

@@ -17,6 +17,7 @@ from expertmesh.protocol.experts import ExpertSet
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH = 20, 1e-3, 4
+TEST_POW_BITS = 8  # a few hundred hashes per commitment; the default (22) is tried in tests/adversarial/test_identity.py
 FAST_SCORING = {"eval_tokens": 2048, "batch_size": 8, "open_domains": True}  # lean: other work shares the CPUs
 
 
@@ -52,7 +53,8 @@ def train_delta(texts: list[str], steps: int = TRAIN_STEPS, seed: int = 0, drop_
 def config_doc(state_dir: Path, **sections) -> dict:
     doc = {"state_dir": str(state_dir), "threads": 1,
            "rounds": {"duration_s": 3600, "max_submissions": 3, "poll_s": 0.1},
-           "scoring": dict(FAST_SCORING), "log": {"format": "text"}}
+           "scoring": dict(FAST_SCORING), "log": {"format": "text"},
+           "admission": {"pow_bits": TEST_POW_BITS}}
     for name, values in sections.items():
         doc[name] = {**doc.get(name, {}), **values} if isinstance(values, dict) else values
     return doc
@@ -76,13 +78,17 @@ def negated(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: -v for k, v in delta.items()}
 
 
-def submit(client, key, payload: bytes, domain: str = "math", **overrides):
-    """Sign `payload` for the validator's open round (or the given overrides) and send it."""
-    from expertmesh.protocol.client import sign_upload
+def submit(client, key, payload: bytes, domain: str = "math", commit: bool = True, **overrides):
+    """Commit to `payload` (with the round's proof of work), sign it for the open round (or the given
+    overrides) and send it: what a miner does."""
+    from expertmesh.protocol.client import sign_commit, sign_upload
 
     info = client.get_round()
     fields = dict(model_version=info.model_version, model_sha256=info.model_sha256, round=info.round, domain=domain)
-    envelope = sign_upload("delta", key, payload, **{**fields, **overrides})
+    fields.update(overrides)
+    if commit:
+        client.commit_delta(sign_commit(key, payload, **fields, pow_bits=info.pow_bits))
+    envelope = sign_upload("delta", key, payload, **fields)
     return client.submit_delta(payload, envelope), envelope
 
 
