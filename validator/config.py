@@ -83,11 +83,12 @@ class MergeSection(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = True
     # A merged version may not end worse than its parent on a scored domain that has an accepted delta this
-    # round (nor by more than max_regression on one without): deltas of other domains that raised its loss
-    # are halved, at most regression_tries times (0: off). Measured in scripts/replay_outer.py (docs/
+    # round or whose miners' deltas were evaluated (no gain), nor by more than max_regression on one that
+    # nobody trained: deltas of other domains that raised its loss are halved, at most regression_tries
+    # times (0: off). Measured in scripts/replay_outer.py (docs/
     # BENCHMARKS.md "outer step"): every domain then improves in all 10 rounds.
-    max_regression: float = Field(0.002, ge=0, le=100, description="nats/token a scored domain that no accepted "
-                                  "delta of this round trains may end above its parent")
+    max_regression: float = Field(0.002, ge=0, le=100, description="nats/token a scored domain that nobody "
+                                  "trained this round may end above its parent")
     regression_tries: int = Field(4, ge=0, le=20, description="halvings tried to meet max_regression (0: off)")
 
 

@@ -9,7 +9,7 @@ order, keys sorted) in fp32 on CPU, so the same inputs give bit-identical output
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -61,12 +61,13 @@ def outer_step(base: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.
 
 
 def interference_scales(parent: Mapping[str, float], alone: Sequence[Mapping[str, float]], domains: Sequence[str],
-                        merged_losses: Callable[[list[float]], dict[str, float]], tolerance: float, tries: int
-                        ) -> tuple[list[float], dict[str, float]]:
+                        merged_losses: Callable[[list[float]], dict[str, float]], tolerance: float, tries: int,
+                        worked: Iterable[str] = ()) -> tuple[list[float], dict[str, float]]:
     """Per-delta scales so that the merge leaves no scored domain worse than its parent.
 
-    A domain with an accepted delta of its own this round may not end above its parent's loss at all;
-    one without (nobody trained it) may end up to `tolerance` above. alone[i] is every scored domain's
+    A domain with an accepted delta of its own this round, or one that miners worked on (`worked`:
+    their deltas were evaluated and found no gain), may not end above its parent's loss at all; one
+    that nobody trained this round may end up to `tolerance` above. alone[i] is every scored domain's
     held-out loss of parent + delta i alone (domains[i] is the delta's own domain); merged_losses(scales)
     measures the merge with each delta scaled. While some domain is over its bound, the deltas of other
     domains that raised the worst such domain's loss alone are halved (every other domain's delta when
@@ -74,7 +75,8 @@ def interference_scales(parent: Mapping[str, float], alone: Sequence[Mapping[str
     """
     scales = [1.0] * len(alone)
     merged = merged_losses(scales)
-    bound = {d: parent[d] + (0.0 if d in domains else tolerance) for d in parent}
+    strict = set(domains) | set(worked)
+    bound = {d: parent[d] + (0.0 if d in strict else tolerance) for d in parent}
     for _ in range(tries):
         over = {d: merged[d] - bound[d] for d in parent if merged[d] > bound[d]}
         if not over:

@@ -78,9 +78,14 @@ def merge_round(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[Submis
     return outer_step(base, mean_delta, momentum(touched), cfg)
 
 
+# Verdicts that say a miner worked on its domain this round (evaluated, within the guard): such a domain is
+# held to its parent's loss at the merge even when none of its deltas was accepted.
+WORKED = ("ok", "no_gain", "noise")
+
+
 def guarded_scales(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[SubmissionRow, VerdictRow]],
-                   momentum: Callable[[ExpertSet], dict[str, torch.Tensor]], cfg: MergeSection, ev: RoundEval
-                   ) -> list[float]:
+                   momentum: Callable[[ExpertSet], dict[str, torch.Tensor]], cfg: MergeSection, ev: RoundEval,
+                   worked: set[str] = frozenset()) -> list[float]:
     """Scales that keep every scored domain within merge.max_regression of its parent (merge.interference_scales),
     measured on the round's rows; the verdicts' per-domain losses say which deltas hurt which domain."""
     if not ev.rows.domain_NL or any(v.cross is None for _, v in accepted):
@@ -95,7 +100,7 @@ def guarded_scales(runtime: ModelRuntime, spool: Spool, accepted: list[tuple[Sub
 
     alone = [{d: after for d, (_, after) in v.cross.items()} for _, v in accepted]
     scales, _ = interference_scales(ev.base.domain, alone, [s.domain for s, _ in accepted], merged_losses,
-                                    cfg.max_regression, cfg.regression_tries)
+                                    cfg.max_regression, cfg.regression_tries, worked)
     return scales
 
 
@@ -105,7 +110,10 @@ def publish_round(runtime: ModelRuntime, ledger: Ledger, spool: Spool, state_dir
     """Write version base+1 (checkpoint, manifest, momentum files); the caller commits it to the ledger."""
     refs = ledger.momentum_refs()
     momentum = lambda ex: load_momentum(state_dir, refs, ex)  # noqa: E731
-    scales = guarded_scales(runtime, spool, accepted, momentum, cfg, ev) if cfg.regression_tries else None
+    verdicts = ledger.verdicts(row.round)
+    worked = {s.domain for s in ledger.submissions(row.round) if s.digest in verdicts
+              and verdicts[s.digest].code in WORKED}
+    scales = guarded_scales(runtime, spool, accepted, momentum, cfg, ev, worked) if cfg.regression_tries else None
     new_w, new_m = merge_round(runtime, spool, accepted, momentum, cfg, scales)
     with torch.no_grad():
         for key, w in new_w.items():

@@ -10,7 +10,7 @@ from expertmesh.protocol.experts import PROJS, ExpertSet, expert_key
 from tests.runtime.test_architectures import build
 from expertmesh.validator.checks import CheckFailed, check_delta, expert_norms
 from expertmesh.validator.config import MergeSection
-from expertmesh.validator.merge import WeightedMean, merge_weight, outer_step
+from expertmesh.validator.merge import WeightedMean, interference_scales, merge_weight, outer_step
 from expertmesh.validator.scoring import EvalRows, applied, base_losses, cosine, evaluate, global_norm, Nearest, nearest, residual, sign_z
 
 PATTERN_NL = torch.arange(1, 33).repeat(12, 1) % 200 + 3  # a fixed sequence: easy to learn, easy to unlearn
@@ -133,6 +133,21 @@ def test_the_copy_rule_refuses_a_copy_in_noise_and_passes_independent_work(moe):
     other = trained_delta(moe, steps=10)  # independent work on the same data: its own steps survive the projection
     mine = evaluate(moe, other, "pattern", rows, base, 10.0, 0.0, 4.0, related=[("orig", original)], copy_z=4.0)
     assert mine.verdict == "accepted" and mine.copy_z >= 4.0, mine
+
+
+def test_the_merge_guard_holds_worked_domains_to_their_parent_and_tolerates_untrained_ones():
+    parent = {"math": 3.0, "literature": 4.0}
+    alone = [{"math": 3.0015, "literature": 3.95}]  # a literature delta that raises math a little
+
+    def merged(scales):
+        return {"math": 3.0 + 0.0015 * scales[0], "literature": 4.0 - 0.05 * scales[0]}
+
+    untrained, _ = interference_scales(parent, alone, ["literature"], merged, tolerance=0.002, tries=4)
+    assert untrained == [1.0], "nobody trained math this round: a rise within the tolerance is allowed"
+    worked, after = interference_scales(parent, alone, ["literature"], merged, 0.002, 4, worked={"math"})
+    assert worked == [0.0625] and after["math"] < 3.0 + 0.0015 * 0.07, "math's miners tried: halved 4 times"
+    off, _ = interference_scales(parent, alone, ["literature"], merged, 0.002, 0, worked={"math"})
+    assert off == [1.0]
 
 
 def test_sign_z_is_the_sign_agreement_statistic():
