@@ -203,7 +203,9 @@ def evaluate(moe: MoEModel, delta: Mapping[str, torch.Tensor], domain: str, rows
                      f"≤ {math.exp(-min_z * min_z / 2):.1g})", 0.0, **parts)
     if related:
         left, coefs = residual(delta, [t for _, t in related])
-        parts["copy_z"] = rz = sign_z(grads, left)
+        # an exact (partial) copy leaves float rounding only, whose signs follow Δ: that is nothing left
+        exact = global_norm(left) <= 1e-6 * global_norm(delta)
+        parts["copy_z"] = rz = 0.0 if exact else sign_z(grads, left)
         if rz < copy_z:
             share = [abs(c) * global_norm(t) for c, (_, t) in zip(coefs, related)]
             twin = related[share.index(max(share))][0]
