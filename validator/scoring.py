@@ -115,13 +115,18 @@ def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for _, t in sorted(tensors.items())))
 
 
+def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Inner product of two deltas as vectors over all expert tensors, in float64 (a tensor one lacks is zero)."""
+    return sum(float((a[k].double() * b[k].double()).sum()) for k in sorted(a.keys() & b.keys()))
+
+
+def _cosine(ab: float, na: float, nb: float) -> float:
+    return ab / (na * nb) if na and nb else 0.0
+
+
 def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Cosine of two deltas as vectors over all expert tensors (a tensor one of them lacks counts as zero)."""
-    na, nb = global_norm(a), global_norm(b)
-    if na == 0 or nb == 0:
-        return 0.0
-    dot = sum(float((a[k].double() * b[k].double()).sum()) for k in sorted(a.keys() & b.keys()))
-    return dot / (na * nb)
+    return _cosine(dot(a, b), global_norm(a), global_norm(b))
 
 
 def residual(delta: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str, torch.Tensor]]
@@ -133,10 +138,6 @@ def residual(delta: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str, t
     keys = sorted(delta)
     E = [{k: e[k].double() for k in keys if k in e} for e in earlier]
     d = {k: delta[k].double() for k in keys}
-
-    def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-        return sum(float((a[k] * b[k]).sum()) for k in sorted(a.keys() & b.keys()))
-
     G = torch.tensor([[dot(a, b) for b in E] for a in E], dtype=torch.float64).reshape(len(E), len(E))
     rhs = torch.tensor([dot(e, d) for e in E], dtype=torch.float64)
     c = (torch.linalg.pinv(G, hermitian=True) @ rhs).tolist() if E else []
@@ -164,8 +165,9 @@ def nearest(delta: Mapping[str, torch.Tensor], earlier: Iterator[tuple[str, Mapp
             span: int = 0) -> Nearest:
     """Earlier deltas come one at a time, so memory holds this one, one earlier and `span` cut ones."""
     best, who, related = -math.inf, None, []
+    norm = global_norm(delta)  # once, not once per earlier delta
     for name, other in earlier:
-        c = cosine(delta, other)
+        c = _cosine(dot(delta, other), norm, global_norm(other))
         if c > best:
             best, who = c, name
         if span and c > 0:

@@ -11,6 +11,7 @@ import torch
 from arena import fresh_key
 from valhelpers import encode, submit
 
+from expertmesh.protocol.client import sign_commit, sign_upload
 from expertmesh.protocol.errors import RemoteError
 from expertmesh.validator.scoring import cosine
 
@@ -29,7 +30,6 @@ def test_a_front_runner_with_a_buried_copy_loses_to_the_author(live, honest_math
     author, thief, thief2 = fresh_key(), fresh_key(), fresh_key()
     info = v.client.get_round()
     payload = encode(honest_math.delta, info.model_version)
-    from expertmesh.protocol.client import sign_commit, sign_upload
     fields = dict(model_version=info.model_version, model_sha256=info.model_sha256, round=info.round, domain="math")
     v.client.commit_delta(sign_commit(author, payload, **fields, pow_bits=info.pow_bits))
     # The author's upload is seen on the wire; two thieves commit and upload before the author's upload lands.

@@ -5,6 +5,7 @@ Now (validator `[admission]`): every delta needs a commitment first, and a commi
 without standing (no accepted delta in a published version) carries a proof of work of `pow_bits`
 (default 22: about 2^22 sha256 calls); keys with standing, and keys on an operator's allow list,
 commit without one. An allow list, when set, admits only its keys."""
+import hashlib
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from valhelpers import encode, submit
 from expertmesh.protocol import identity
 from expertmesh.protocol.client import sign_commit
 from expertmesh.protocol.commit import commitment, work_bits
+from expertmesh.protocol.envelope import parse_body
 from expertmesh.protocol.errors import RemoteError
 from expertmesh.validator.config import AdmissionSection
 
@@ -43,9 +45,8 @@ def test_a_new_key_pays_a_proof_of_work_and_accepted_work_exempts_it(live, hones
                       round=info.round, domain="math", pow_bits=DEFAULT_BITS)
     print(f"proof of work of {DEFAULT_BITS} bits: {time.perf_counter() - t0:.1f} s")
     pk = identity.public_bytes(miner)
-    from expertmesh.protocol.envelope import parse_body
     label = parse_body(env.body).label
-    assert work_bits(pk, commitment(pk, __import__("hashlib").sha256(payload).digest()), label) >= DEFAULT_BITS
+    assert work_bits(pk, commitment(pk, hashlib.sha256(payload).digest()), label) >= DEFAULT_BITS
     v.client.commit_delta(env)
     digest = submit(v.client, miner, payload, commit=False)[0].submission_id.hex()
     assert v.verdicts([digest])[digest]["verdict"] == "accepted"
