@@ -29,6 +29,23 @@ def _suffix(path: Path) -> str:
     return next((s for s in (".jsonl.gz", ".txt.gz") if name.endswith(s)), path.suffix.lower())
 
 
+# One record's text is at most 1 MiB by default (validators' datasets.max_record_bytes); JSON escaping can
+# make its line up to six times that. No reader holds a longer line: a 50 MB one-line file is refused
+# after reading this much of it, not loaded whole.
+MAX_LINE = 6 * (1 << 20) + 64
+
+
+def bounded_lines(f, path: Path | str, max_line: int = MAX_LINE) -> Iterator:
+    """The lines of an open file (text or binary), none held past max_line characters or bytes."""
+    n = 0
+    while line := f.readline(max_line + 1):
+        n += 1
+        if len(line) > max_line:
+            raise DataError(f"{path}: line {n} is over {max_line:,} characters; split long texts into "
+                            "several records (one per line)")
+        yield line
+
+
 def _jsonl(lines: Iterable[str], path: Path) -> Iterator[dict]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -86,10 +103,10 @@ def read_records(path: str | Path) -> Iterator[dict]:
     try:
         if kind == ".jsonl":
             with open(path, encoding="utf-8") as f:
-                yield from _jsonl(f, path)
+                yield from _jsonl(bounded_lines(f, path), path)
         elif kind == ".jsonl.gz":
             with gzip.open(path, "rt", encoding="utf-8") as f:
-                yield from _jsonl(f, path)
+                yield from _jsonl(bounded_lines(f, path), path)
         elif kind == ".json":
             yield from _json(path)
         elif kind == ".csv":
@@ -106,10 +123,10 @@ def read_records(path: str | Path) -> Iterator[dict]:
                 yield from batch.to_pylist()
         elif kind == ".txt":
             with open(path, encoding="utf-8") as f:
-                yield from _txt(f)
+                yield from _txt(bounded_lines(f, path))
         elif kind == ".txt.gz":
             with gzip.open(path, "rt", encoding="utf-8") as f:
-                yield from _txt(f)
+                yield from _txt(bounded_lines(f, path))
         else:
             raise DataError(f"{path}: unsupported format {kind or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
     except UnicodeDecodeError as exc:
@@ -118,7 +135,13 @@ def read_records(path: str | Path) -> Iterator[dict]:
         raise DataError(f"{path}: broken gzip stream ({exc})") from None
 
 
+MAX_JSON_BYTES = 256 << 20  # a .json document is parsed whole; JSON Lines streams at any size
+
+
 def _json(path: Path) -> Iterator[dict]:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise DataError(f"{path}: a {path.stat().st_size:,}-byte .json file is parsed whole, over the "
+                        f"{MAX_JSON_BYTES:,}-byte limit; convert it to JSON Lines (.jsonl), which is streamed")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

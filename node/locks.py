@@ -114,12 +114,30 @@ def hold_state_dir(directory: Path, what: str) -> FileLock:
     nothing in the directory is changed by a refused caller.
     """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = FileLock(directory / STATE_LOCK)
     if not lock.acquire(exclusive=True, wait=False):
         raise StateDirInUse(f"state directory {directory} is in use by {_holder(lock.path)}; stop that process "
                             f"first, or give this {what} a state directory of its own")
     lock.write_note(f"{os.getpid()} {what}\n")
+    make_private(directory)
     return lock
+
+
+def make_private(directory: Path) -> None:
+    """Only this user may read what is in `directory` (its held-out split, ledger and keys among it).
+
+    The directory becomes 0700 and every file in it loses its group and other bits (0644 -> 0600),
+    so a state directory made by an older version is tightened too; and this process creates files
+    0600 and folders 0700 from now on (umask 077), wherever it writes them.
+    """
+    os.umask(0o077)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode & 0o700)
+    os.chmod(directory, 0o700)
 
 
 def refuse_if_held(directory: Path, what: str) -> FileLock | None:

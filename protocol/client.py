@@ -7,6 +7,8 @@ would (Oversize, PayloadMismatch).
 """
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -19,7 +21,7 @@ from expertmesh.protocol import identity
 from expertmesh.protocol import envelope as envelope_mod
 from expertmesh.protocol import expertmesh_pb2_grpc as pbg
 from expertmesh.protocol import serde, streams
-from expertmesh.protocol.errors import RemoteError
+from expertmesh.protocol.errors import Overloaded, RemoteError
 from expertmesh.protocol.types import (BlobHeader, CheckpointRef, DatasetInfo, DatasetReceipt, NodeStatus, Receipt, RoundInfo,
                             SignedEnvelope)
 
@@ -35,6 +37,7 @@ class ClientConfig:
     chunk_bytes: int = streams.CHUNK_BYTES
     max_download_bytes: int = 64 << 30
     max_manifest_bytes: int = 16 << 20
+    busy_retries: int = 6  # an upload the validator answers UNAVAILABLE (all its upload slots busy) is resent
 
     def __post_init__(self) -> None:
         if not 0 < self.call_timeout_s <= 3600 or not 0 < self.upload_timeout_s <= 86_400 \
@@ -121,7 +124,15 @@ class ValidatorClient:
             if first:  # an empty payload still sends its envelope
                 yield serde.upload_frame_to_proto(envelope, b"")
 
-        return _call(method, lambda: rpc(frames(), timeout=deadline))
+        for attempt in range(self.config.busy_retries + 1):
+            try:
+                return _call(method, lambda: rpc(frames(), timeout=deadline))
+            except RemoteError as exc:  # the same signed envelope again is a resubmission: never taken twice
+                busy = exc.code == "UNAVAILABLE" and exc.details.startswith(Overloaded.prefix)
+                if not busy or attempt == self.config.busy_retries:
+                    raise
+                time.sleep(min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     # --- downloads -----------------------------------------------------------------------------
     def fetch_manifest(self, out_path: Path, version: int | None = None,

@@ -15,6 +15,7 @@ from typing import Mapping
 
 from expertmesh.protocol.errors import DeltaFormatError
 from expertmesh.protocol.experts import ExpertSet, parse_expert_key, proj_shape
+from expertmesh.protocol.types import INT_MAX
 
 FORMAT = "expertmesh-delta/2"  # 2: experts is the ExpertSet object (ESFT form)
 METADATA_KEY = "expertmesh"
@@ -124,8 +125,8 @@ def parse_header(text: str) -> DeltaHeader:
         experts = ExpertSet.from_json(d["experts"])
     except ValueError as exc:
         fail(str(exc))
-    return DeltaHeader(codec=codec, block=block, keep=keep, model_version=_int(d, "model_version", 0, 2**64 - 1),
-                       token_count=_int(d, "token_count", 0, 2**64 - 1), data_digest=d["data_digest"],
+    return DeltaHeader(codec=codec, block=block, keep=keep, model_version=_int(d, "model_version", 0, INT_MAX),
+                       token_count=_int(d, "token_count", 0, INT_MAX), data_digest=d["data_digest"],
                        hidden=_int(d, "hidden", 1, 1 << 20), intermediate=_int(d, "intermediate", 1, 1 << 20),
                        experts=experts)
 

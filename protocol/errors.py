@@ -49,10 +49,20 @@ class SubmissionInFlight(ProtocolError):
     status = "ABORTED"
 
 
+class KeyOverloaded(ProtocolError):
+    """One key sent more than its share of envelopes inside the timestamp window."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class Overloaded(ProtocolError):
-    """A bounded table (recent nonces) is full; the sender should retry later."""
+    """All of the node's slots of one kind are busy; the same request may be resent shortly (clients do)."""
 
     status = "UNAVAILABLE"
+    prefix = "busy: "
+
+    def __init__(self, message: str):
+        super().__init__(self.prefix + message)
 
 
 class Oversize(ProtocolError):

@@ -16,7 +16,9 @@ KEY_BYTES = 32  # Ed25519 public key
 SIG_BYTES = 64  # Ed25519 signature
 SHA_BYTES = 32
 NONCE_BYTES = 16
-U64_MAX = 2**64 - 1
+# Wire integers are uint64, but each is kept in SQLite, whose INTEGER is signed 64-bit: a larger value is
+# refused when it is parsed, never stored as an overflow.
+INT_MAX = 2**63 - 1
 DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_LABEL_BYTES = 128
 MAX_NAME_BYTES = 256
@@ -34,7 +36,7 @@ def _check_bytes(name: str, value: bytes, size: int) -> None:
 
 
 def _check_u64(name: str, value: int) -> None:
-    _need(isinstance(value, int) and 0 <= value <= U64_MAX, f"{name} must be an integer in [0, 2^64)")
+    _need(isinstance(value, int) and 0 <= value <= INT_MAX, f"{name} must be an integer in [0, 2^63)")
 
 
 def check_domain(domain: str) -> None:

@@ -26,7 +26,22 @@ class ServerSection(Section):
     max_dataset_bytes: int = Field(4 << 30, ge=1024, le=1 << 40)
     timestamp_window_s: float = Field(300.0, ge=1, le=86_400)
     idle_timeout_s: float = Field(60.0, ge=0.1, le=3600)
-    max_workers: int = Field(16, ge=1, le=1024)
+    max_rpc_s: float = Field(3600.0, ge=0.1, le=86_400, description="no stream lives longer")
+    max_workers: int = Field(32, ge=3, le=1024, description="RPC threads; those not held by uploads and "
+                             "downloads answer GetRound, Status and ListDatasets")
+    max_concurrent_rpcs: int = Field(256, ge=1, le=1 << 16, description="calls queued or running; beyond, "
+                                     "RESOURCE_EXHAUSTED")
+    max_uploads: int = Field(8, ge=1, le=1024, description="upload streams at once")
+    max_uploads_per_host: int = Field(4, ge=1, le=1024, description="upload streams at once from one address")
+    max_downloads: int = Field(8, ge=1, le=1024, description="download streams at once")
+    first_frame_s: float = Field(10.0, ge=0.1, le=3600, description="an upload without its signed envelope by "
+                                 "then is cut")
+    min_upload_rate: float = Field(16384.0, ge=0, le=1 << 30, description="bytes/s an upload must keep over each "
+                                   "rate_window_s, or it is cut")
+    rate_window_s: float = Field(10.0, ge=0.1, le=3600)
+    max_tracked_nonces: int = Field(100_000, ge=1, le=10_000_000, description="replay table; when full, its "
+                                    "oldest entries are forgotten")
+    max_nonces_per_key: int = Field(1_000, ge=1, le=10_000_000, description="one key's share of the replay table")
 
 
 class RoundsSection(Section):
@@ -110,6 +125,10 @@ class DatasetsSection(Section):
                                      "(default: state_dir/heldout.key, created once, mode 0600; never sent)")
     max_records: int = Field(2_000_000, ge=1, le=1 << 32)
     max_record_bytes: int = Field(1 << 20, ge=16, le=1 << 30)
+    max_bytes: int = Field(4 << 30, ge=1024, le=1 << 40, description="decompressed bytes of one registration, "
+                           "counted while it streams")
+    max_expansion: float = Field(64.0, ge=1, le=100_000, description="decompressed bytes per uploaded byte "
+                                 "(text gzips 3-5x; a decompression bomb 1000x)")
     preload: tuple[PreloadDataset, ...] = Field((), description="local files registered at start (idempotent)")
 
 
@@ -153,6 +172,14 @@ class ValidatorConfig(Section):
             raise ValueError("rounds.max_submissions must be 0 or at least rounds.min_submissions")
         if self.scoring.eval_tokens < self.scoring.seq_len:
             raise ValueError("scoring.eval_tokens must be at least scoring.seq_len")
+        s = self.server
+        if s.max_uploads_per_host > s.max_uploads:
+            raise ValueError("server.max_uploads_per_host must be at most server.max_uploads")
+        if s.max_uploads + s.max_downloads >= s.max_workers:
+            raise ValueError("server.max_uploads + server.max_downloads must be under server.max_workers "
+                             "(the workers left answer GetRound and Status)")
+        if s.max_nonces_per_key > s.max_tracked_nonces:
+            raise ValueError("server.max_nonces_per_key must be at most server.max_tracked_nonces")
         return self
 
 

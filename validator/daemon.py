@@ -78,7 +78,8 @@ def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Validat
     d = cfg.datasets
     heldout_key = load_or_create_heldout_key(d.heldout_key or cfg.state_dir / "heldout.key")
     registry = Registry(cfg.state_dir / "datasets", ledger, RegistryLimits(d.heldout_fraction, d.max_records,
-                                                                         d.max_record_bytes), heldout_key)
+                                                                         d.max_record_bytes, d.max_bytes,
+                                                                         d.max_expansion), heldout_key)
     checkpoints = cfg.state_dir / "checkpoints"
     owner = identity.key_id(identity.public_bytes(key))
     for p in d.preload:
@@ -104,8 +105,14 @@ def serve(node: ValidatorNode, stop: threading.Event) -> None:
     cfg = node.cfg
     s = cfg.server
     server_cfg = ServerConfig(host=s.host, port=s.port, spool_dir=node.spool.incoming, max_workers=s.max_workers,
-                              idle_timeout_s=s.idle_timeout_s,
+                              max_concurrent_rpcs=max(s.max_concurrent_rpcs, s.max_workers),
+                              max_uploads=s.max_uploads, max_uploads_per_host=s.max_uploads_per_host,
+                              max_downloads=s.max_downloads, first_frame_s=s.first_frame_s,
+                              min_upload_rate=s.min_upload_rate, rate_window_s=s.rate_window_s,
+                              idle_timeout_s=s.idle_timeout_s, max_rpc_s=s.max_rpc_s,
                               admission=AdmissionConfig(timestamp_window_s=s.timestamp_window_s,
+                                                        max_tracked_nonces=s.max_tracked_nonces,
+                                                        max_nonces_per_key=s.max_nonces_per_key,
                                                         max_payload_bytes={"delta": s.max_delta_bytes,
                                                                            "dataset": s.max_dataset_bytes}))
     # the DHT first: hivemind forks its process, which is only safe before gRPC starts its threads

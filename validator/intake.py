@@ -115,6 +115,10 @@ class Intake:
             raise self._refuse("FAILED_PRECONDITION", f"this key made no commitment to this payload in round "
                                f"{env.round}; send CommitDelta first, then the payload (commit, then reveal: "
                                "docs/protocol.md)")
+        try:
+            self.book.check_room(env.round, key_id(env.public_key))  # before a byte of the payload is written
+        except IntakeRefused as exc:
+            raise self._refuse(exc.status, str(exc)) from None
         return None
 
     def _commit_seq(self, env) -> int | None:
@@ -146,6 +150,9 @@ class Intake:
             self.spool.path(rel).unlink(missing_ok=True)
             return self._receipt(self.ledger.submission(digest)
                                  or self.ledger.same_payload(env.round, row.miner, row.payload_sha256))
+        except BaseException:  # no spooled file outlives a failed insert (a crash here is swept at start-up)
+            self.spool.path(rel).unlink(missing_ok=True)
+            raise
         self.metrics.received.inc()
         log.info("submission received", extra={"round": env.round, "submission": digest[:16], "miner": row.miner[:16],
                                                "domain": env.domain, "bytes": env.payload_size, "codec": header.codec})

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertmesh.node.data import iter_texts
+from expertmesh.node.data import DataError, bounded_lines, iter_texts
 from expertmesh.validator.ledger import DatasetRow, Ledger
 from expertmesh.protocol.files import file_sha256
 from expertmesh.protocol.heldout import DEFAULT_FRACTION, content_hash, is_heldout
@@ -35,30 +35,37 @@ class RegistryLimits:
     heldout_fraction: float = DEFAULT_FRACTION
     max_records: int = 2_000_000
     max_record_bytes: int = 1 << 20
+    max_bytes: int = 4 << 30  # decompressed payload, counted while it is read
+    max_expansion: float = 64.0  # decompressed bytes per byte uploaded (text gzips 3-5x; a bomb 1000x)
 
 
-def _lines(path: Path, max_line: int) -> Iterator[bytes]:
-    """Lines of a plain or gzip file; a line longer than max_line is never held whole (readline is bounded)."""
+def _lines(path: Path, max_line: int, max_bytes: int) -> Iterator[bytes]:
+    """Lines of a plain or gzip file, never one past max_line held whole nor more than max_bytes in all."""
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gz else open
+    total = 0
     try:
         with opener(path, "rb") as f:
-            n = 0
-            while line := f.readline(max_line + 1):
-                n += 1
-                if len(line) > max_line:
-                    raise DatasetError(f"line {n} is over {max_line} bytes; split long texts into several records")
+            for line in bounded_lines(f, "dataset payload", max_line):
+                total += len(line)
+                if total > max_bytes:
+                    raise DatasetError(f"dataset payload decompresses to over {max_bytes:,} bytes, this validator's "
+                                       "limit (datasets.max_bytes, datasets.max_expansion); split it into several "
+                                       "datasets")
                 yield line
+    except DataError as exc:
+        raise DatasetError(str(exc)) from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DatasetError(f"dataset payload is a broken gzip stream ({exc}); send plain or valid gzip JSON Lines") from None
 
 
 def read_payload(path: Path, limits: RegistryLimits) -> Iterator[str]:
-    """The texts of a registration payload, checked record by record."""
+    """The texts of a registration payload, checked record by record while it streams."""
     n = 0
+    max_bytes = min(limits.max_bytes, int(limits.max_expansion * path.stat().st_size) + (1 << 20))
     # JSON escaping can double a text's bytes (or sextuple, for \uXXXX); bound the raw line generously.
-    for n_line, line in enumerate(_lines(path, 6 * limits.max_record_bytes + 64), 1):
+    for n_line, line in enumerate(_lines(path, 6 * limits.max_record_bytes + 64, max_bytes), 1):
         if not line.strip():
             continue
         try:

@@ -52,20 +52,32 @@ class RoundBook:
                 self._open(db, 1, base_version, self.clock())
         return self.current()
 
+    def check_room(self, number: int, miner: str) -> None:
+        """IntakeRefused unless round `number` is open with room for one more submission from `miner`.
+
+        Asked before an upload's payload is read (so a key over its quota costs no disk) and again,
+        atomically with the insert, by `record`.
+        """
+        with self.ledger.transaction() as db:
+            self._check_room(db, number, miner)
+
+    def _check_room(self, db, number: int, miner: str) -> None:
+        cur = self.ledger.current_round()
+        if cur.round != number or cur.state != "open":
+            raise IntakeRefused("FAILED_PRECONDITION",
+                                f"round {number} is not open (current round {cur.round} is {cur.state}); "
+                                "ask GetRound and train on its model version")
+        if self.cfg.max_submissions and self.ledger.count_submissions(db, cur.round) >= self.cfg.max_submissions:
+            raise IntakeRefused("RESOURCE_EXHAUSTED", f"round {cur.round} is full "
+                                f"({self.cfg.max_submissions} submissions); submit to the next round")
+        if self.ledger.count_submissions(db, cur.round, miner) >= self.cfg.max_per_miner:
+            raise IntakeRefused("ALREADY_EXISTS", f"this key already made {self.cfg.max_per_miner} submission(s) "
+                                f"in round {cur.round}; wait for the next round")
+
     def record(self, row: SubmissionRow) -> None:
         """Add a submission to its round, atomically with the checks that the round may still take it."""
         with self.ledger.transaction() as db:
-            cur = self.ledger.current_round()
-            if cur.round != row.round or cur.state != "open":
-                raise IntakeRefused("FAILED_PRECONDITION",
-                                    f"round {row.round} is not open (current round {cur.round} is {cur.state}); "
-                                    "ask GetRound and train on its model version")
-            if self.cfg.max_submissions and self.ledger.count_submissions(db, cur.round) >= self.cfg.max_submissions:
-                raise IntakeRefused("RESOURCE_EXHAUSTED", f"round {cur.round} is full "
-                                    f"({self.cfg.max_submissions} submissions); submit to the next round")
-            if self.ledger.count_submissions(db, cur.round, row.miner) >= self.cfg.max_per_miner:
-                raise IntakeRefused("ALREADY_EXISTS", f"this key already made {self.cfg.max_per_miner} submission(s) "
-                                    f"in round {cur.round}; wait for the next round")
+            self._check_room(db, row.round, row.miner)
             self.ledger.add_submission(db, row)
 
     def tick(self, row: RoundRow) -> RoundRow:

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from expertmesh.node.data import DataError, read_records, render
+from expertmesh.node.data import DataError, bounded_lines, read_records, render
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 PREVIEW_RECORDS = 3
 
 
@@ -48,7 +47,7 @@ def _check_utf8(path: Path) -> None:
     opener = gzip.open if _kind(path) == ".jsonl.gz" else open
     try:
         with opener(path, "rb") as f:
-            for n, line in enumerate(f, 1):
+            for n, line in enumerate(bounded_lines(f, path), 1):
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -72,7 +71,7 @@ def prepare(path: Path, out: Path, text_field: str | None = None, template: str 
         raise DataError("give either --text-field or --template, not both")
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    if path.is_file() and _kind(path) in TEXT_SUFFIXES + (".jsonl.gz",):
+    if path.is_file() and _kind(path) in (".jsonl", ".jsonl.gz", ".csv", ".txt"):  # a .json may be one long line
         _check_utf8(path)
     result = Prepared(payload=out, source_bytes=_size(path))
     with gzip.GzipFile(out, "wb", mtime=0) as gz:  # mtime 0: the same data gives the same payload bytes

@@ -79,3 +79,19 @@ def start(tmp_path: Path, corpora: dict[str, Path], **sections) -> Arena:
 def stop(arena: Arena) -> None:
     arena.client.close()
     arena.daemon.cleanup()
+
+
+def raw_call(address: str, method: str, frames, timeout_s: float = 60.0):
+    """A hand-made upload on its own channel, bypassing ValidatorClient: (future, channel); close the channel."""
+    import grpc
+
+    from expertmesh.protocol import expertmesh_pb2_grpc as pbg
+
+    channel = grpc.insecure_channel(address)
+    return getattr(pbg.ValidatorStub(channel), method).future(frames, timeout=timeout_s), channel
+
+
+def held_open(*frames, release, hold_s: float = 60.0):
+    """The given upload frames, then nothing until `release` is set: a peer that stalls."""
+    yield from frames
+    release.wait(hold_s)

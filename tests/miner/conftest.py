@@ -16,7 +16,7 @@ def make_validator(tmp_path):
 
     def make(**server_fields) -> Validator:
         val = Validator(tmp_path / f"validator{len(made)}")
-        fields = dict(idle_timeout_s=30.0, max_rpc_s=300.0, max_workers=8,
+        fields = dict(idle_timeout_s=30.0, max_rpc_s=300.0, max_workers=12, max_uploads=4, max_downloads=4,
                       spool_dir=val.node.spool.incoming) | server_fields
         server = ValidatorServer(val, ServerConfig(**fields))
         val.address = server.address

@@ -127,7 +127,8 @@ class MemoryBackend(ValidatorBackend):
         return NodeStatus(identity.public_bytes(self.key), "validator", "0.1.0", self.version, self.round, 5)
 
 
-FAST = ServerConfig(idle_timeout_s=1.0, max_rpc_s=30.0, max_workers=8, max_concurrent_rpcs=8)
+FAST = ServerConfig(idle_timeout_s=1.0, max_rpc_s=30.0, max_workers=12, max_concurrent_rpcs=12, max_uploads=4,
+                    max_uploads_per_host=4, max_downloads=4)
 
 
 def signed(kind, key, payload: bytes, **overrides):

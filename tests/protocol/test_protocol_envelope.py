@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from expertmesh.protocol import envelope as E
 from expertmesh.protocol import identity
 from expertmesh.protocol.admission import Admission, AdmissionConfig, KeyPolicy, ReplayGuard
-from expertmesh.protocol.errors import (BadSignature, BannedKey, MalformedEnvelope, Oversize, Overloaded, ReplayedNonce, StaleTimestamp,
+from expertmesh.protocol.errors import (BadSignature, BannedKey, KeyOverloaded, MalformedEnvelope, Oversize, ReplayedNonce, StaleTimestamp,
                              UnknownKey)
 from expertmesh.protocol.types import Envelope, SignedEnvelope
 
@@ -120,13 +120,26 @@ def test_key_policy_files(tmp_path):
         KeyPolicy.from_files(None, deny)
 
 
-def test_replay_table_is_bounded_by_window_and_size():
-    guard = ReplayGuard(window_s=10, max_entries=3)
-    pk = bytes(32)
-    for i in range(3):
-        assert not guard.check_and_record(pk, bytes([i]) * 16, b"d%d" % i, NOW, NOW)
-    with pytest.raises(Overloaded):
-        guard.check_and_record(pk, b"x" * 16, b"dx", NOW, NOW)
-    assert guard.check_and_record(pk, bytes([0]) * 16, b"d0", NOW, NOW + 10_000)  # still inside the window
-    assert not guard.check_and_record(pk, b"x" * 16, b"dx", NOW + 10_001, NOW + 10_001)  # old ones forgotten
+def test_replay_table_is_bounded_by_window_size_and_key():
+    guard = ReplayGuard(window_s=10, max_entries=3, max_per_key=2)
+    alice, bob, carol = bytes(32), bytes([1]) * 32, bytes([2]) * 32
+    for i in range(2):
+        assert not guard.check_and_record(alice, bytes([i]) * 16, b"a%d" % i, NOW, NOW)
+    with pytest.raises(KeyOverloaded):  # alice is over her share; nobody else is
+        guard.check(alice, b"x" * 16, b"ax", NOW)
+    assert guard.check(alice, bytes([0]) * 16, b"a0", NOW)  # a known one is still a resubmission
+    assert not guard.check_and_record(bob, b"b" * 16, b"b0", NOW + 1, NOW)
+    # Full: carol's entry is recorded and the one soonest to expire (alice's first) is forgotten.
+    assert not guard.check_and_record(carol, b"c" * 16, b"c0", NOW + 2, NOW)
+    assert len(guard) == 3 and not guard.check(alice, bytes([0]) * 16, b"other", NOW)
+    assert not guard.check(alice, b"x" * 16, b"ax", NOW)  # and alice has room for one again
+    assert guard.check(alice, bytes([1]) * 16, b"a1", NOW + 10_000)  # still inside the window
+    assert not guard.check_and_record(bob, b"y" * 16, b"by", NOW + 10_003, NOW + 10_003)  # old ones forgotten
     assert len(guard) == 1
+
+
+def test_checking_records_nothing():
+    guard = ReplayGuard(window_s=10, max_entries=3)
+    for i in range(10):
+        assert not guard.check(bytes(32), bytes([i]) * 16, b"d", NOW)
+    assert len(guard) == 0

@@ -100,7 +100,7 @@ def test_register_dedupes_splits_by_hash_and_is_idempotent(registry, tmp_path):
     (b'{"body": "ok"}\n', 'line 1 has no string field "text"'),
     (b'["text"]\n', 'line 1 has no string field "text"'),
     (b'{"text": "' + b"y" * 300 + b'"}\n', "over 200 bytes"),
-    (b'{"text": "' + b"z" * 2000 + b'"}\n', "over 1264 bytes"),
+    (b'{"text": "' + b"z" * 2000 + b'"}\n', "over 1,264 characters"),
     (b'{"text": "\\ud800"}\n', "unpaired surrogate"),
     (b'{"text": "\xff\xfe"}\n', "not a UTF-8 JSON object"),
     (b'{"text": "  "}\n\n', "no non-empty records"),
