@@ -34,6 +34,7 @@ bench: venv
 	$(BIN)/python scripts/bench_protocol.py
 	$(BIN)/python scripts/bench_network.py
 	$(BIN)/python scripts/bench_copies.py --miners 12 --shard 600
+	$(BIN)/python scripts/bench_reliability.py
 
 # Regenerate the committed gRPC stubs after editing protocol/expertmesh.proto (a test checks for drift).
 # protoc names imports after the proto's path, so it is compiled as expertmesh/protocol/expertmesh.proto.
