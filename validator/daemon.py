@@ -74,7 +74,8 @@ def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Validat
     spool = Spool(cfg.state_dir / "spool")
     swept = spool.sweep(ledger.spool_paths())
     if swept:
-        log.info("swept spool files without a ledger row (a crash before their receipt)", extra={"files": swept})
+        log.info("swept spool files no unfinished round needs (a crash before their receipt or after their "
+                 "round)", extra={"files": swept})
     d = cfg.datasets
     heldout_key = load_or_create_heldout_key(d.heldout_key or cfg.state_dir / "heldout.key")
     registry = Registry(cfg.state_dir / "datasets", ledger, RegistryLimits(d.heldout_fraction, d.max_records,
@@ -92,10 +93,11 @@ def build_node(cfg: ValidatorConfig, hooks: PhaseHooks | None = None) -> Validat
     runtime.load(ledger.version(book.current().base_version))
     metrics = Metrics()
     metrics.version.set(ledger.latest_version().version)
-    scheduler = Scheduler(cfg, ledger, book, runtime, registry, spool, metrics, hooks or PhaseHooks.from_env())
+    hooks = hooks or PhaseHooks.from_env()
+    scheduler = Scheduler(cfg, ledger, book, runtime, registry, spool, metrics, hooks)
     a = cfg.admission
     policy = KeyPolicy.from_files(a.allow_file, a.deny_file)
-    intake = Intake(ledger, book, spool, registry, cfg, metrics, policy)
+    intake = Intake(ledger, book, spool, registry, cfg, metrics, policy, hooks)
     service = ValidatorService(intake, ledger, book, registry, checkpoints, identity.public_bytes(key))
     return ValidatorNode(cfg, key, ledger, registry, spool, book, runtime, metrics, scheduler, service)
 

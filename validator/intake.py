@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from expertmesh.protocol.admission import KeyPolicy
@@ -42,9 +43,9 @@ def read_header_prefix(path: Path):
 
 class Intake:
     def __init__(self, ledger: Ledger, book: RoundBook, spool: Spool, registry: Registry, cfg: ValidatorConfig,
-                 metrics: Metrics, policy: KeyPolicy | None = None):
+                 metrics: Metrics, policy: KeyPolicy | None = None, hooks: Callable[[str], None] = lambda _: None):
         self.ledger, self.book, self.spool, self.registry = ledger, book, spool, registry
-        self.cfg, self.metrics, self.policy = cfg, metrics, policy or KeyPolicy()
+        self.cfg, self.metrics, self.policy, self.hooks = cfg, metrics, policy or KeyPolicy(), hooks
 
     def scored_domains(self) -> list[str]:
         """Domains a submission may name: those the current round was frozen with (validator/evalset.py)."""
@@ -127,6 +128,7 @@ class Intake:
 
     def accept_delta(self, sub: Submission, payload: Path) -> Receipt:
         env = sub.envelope
+        self.hooks("received")
         try:
             header = read_header_prefix(payload)
         except DeltaFormatError as exc:
@@ -136,6 +138,7 @@ class Intake:
                                f"envelope {env.model_version}; encode and sign the same version")
         digest = sub.digest.hex()
         rel = self.spool.store(payload, env.round, digest)
+        self.hooks("spooled")
         row = SubmissionRow(seq=None, digest=digest, round=env.round, miner=key_id(env.public_key), domain=env.domain,
                             model_version=env.model_version, payload_sha256=env.payload_sha256.hex(),
                             payload_bytes=env.payload_size, path=rel, codec=header.codec,

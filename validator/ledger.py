@@ -313,8 +313,11 @@ class Ledger:
                 (miner,)).fetchone()[0]
 
     def spool_paths(self) -> set[str]:
+        """Payloads still needed: those of rounds not finished (a finished round's are dropped with it)."""
         with self._lock:
-            return {r[0] for r in self._db.execute("SELECT path FROM submissions")}
+            return {r[0] for r in self._db.execute(
+                "SELECT s.path FROM submissions s JOIN rounds r ON r.round = s.round "
+                "WHERE r.state NOT IN ('published', 'empty')")}
 
     # --- verdicts ------------------------------------------------------------------------------
     def add_verdict(self, row: VerdictRow) -> None:

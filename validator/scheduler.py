@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import shutil
 import sys
 import time
@@ -34,26 +35,42 @@ log = logging.getLogger(__name__)
 
 
 class PhaseHooks:
-    """Test hook: EXPERTMESH_VALIDATOR_PAUSE="scoring=30,publish=30" sleeps at those named points.
+    """Test hook: EXPERTMESH_VALIDATOR_PAUSE="scoring=30,publish=kill" at those named points sleeps
+    (seconds), or SIGKILLs this process (`kill`, or `kill:N` at the point's N-th passage).
 
-    Points: `scoring` (after a verdict is committed), `publish` (checkpoint written, not yet renamed
-    into place), `commit` (renamed, ledger not yet updated). Each pause is announced on stderr first,
-    so a crash test can SIGKILL the daemon exactly there.
+    Points, in a round's order: `received` (a payload is in, its sha256 checked, not yet spooled),
+    `spooled` (in the spool, its ledger row not yet written), `scoring` (after a verdict is
+    committed), `merging` (every submission judged, merge not started), `publish` (checkpoint
+    written, not yet renamed into place), `commit` (renamed, ledger not yet updated), `announcing`
+    (published, not yet announced). Each pause or kill is announced on stderr first, so a crash
+    test can also SIGKILL the daemon exactly there itself.
     """
 
     ENV = "EXPERTMESH_VALIDATOR_PAUSE"
+    POINTS = ("received", "spooled", "scoring", "merging", "publish", "commit", "announcing")
 
     def __init__(self, spec: str = ""):
-        self.pauses = {}
+        self.pauses: dict[str, float] = {}
+        self.kills: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
-            name, _, seconds = item.partition("=")
-            self.pauses[name] = float(seconds or 3600)
+            name, _, action = item.partition("=")
+            if name not in self.POINTS:
+                raise ValueError(f"{self.ENV}: unknown point {name!r} (points: {', '.join(self.POINTS)})")
+            if action.startswith("kill"):
+                self.kills[name] = int(action.partition(":")[2] or 1)
+            else:
+                self.pauses[name] = float(action or 3600)
 
     @classmethod
     def from_env(cls) -> "PhaseHooks":
         return cls(os.environ.get(cls.ENV, ""))
 
     def __call__(self, phase: str) -> None:
+        self._seen[phase] = n = self._seen.get(phase, 0) + 1
+        if self.kills.get(phase) == n:
+            print(f"expertmesh-validator: kill at {phase}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if phase in self.pauses:
             print(f"expertmesh-validator: pause at {phase}", file=sys.stderr, flush=True)
             time.sleep(self.pauses[phase])
@@ -132,6 +149,7 @@ class Scheduler:
         self.hooks("scoring")
 
     def _publish(self, row: RoundRow) -> None:
+        self.hooks("merging")
         verdicts = self.ledger.verdicts(row.round)
         accepted = [(s, verdicts[s.digest]) for s in self.ledger.submissions(row.round)
                     if verdicts[s.digest].verdict == "accepted"]
@@ -152,6 +170,7 @@ class Scheduler:
                                              "accepted": len(accepted), "dir": str(release.directory)})
         self.spool.drop_round(row.round)
         self._cleanup()
+        self.hooks("announcing")
         self.on_change()
 
     def _cleanup(self) -> None:

@@ -41,13 +41,18 @@ class Spool:
         return (self.root / rel).read_bytes()
 
     def sweep(self, known: set[str]) -> list[str]:
-        """Remove payloads no ledger row refers to, and stale partial uploads; the names removed."""
+        """Remove payloads not in `known` (no ledger row: a crash before the receipt; or a finished
+        round's: a crash before its folder was dropped), empty round folders and stale partial
+        uploads; the names removed."""
         removed = []
         for f in sorted(self.root.glob("r*/*.delta")):
             rel = f.relative_to(self.root).as_posix()
             if rel not in known:
                 f.unlink()
                 removed.append(rel)
+        for d in self.root.glob("r*/"):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
         for f in self.incoming.iterdir():
             f.unlink()
             removed.append(f.relative_to(self.root).as_posix())
